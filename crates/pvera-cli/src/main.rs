@@ -1,0 +1,75 @@
+//! `pvera`: the command-line tool. Thin commands over the `pvera` library.
+//!
+//! Exit codes (stable, scripts depend on them):
+//! - 0: success
+//! - 1: any other error
+//! - 2: bad command line (clap)
+//! - 3: `inspect --verify-projections`: stored projections differ from the regenerated ones
+//! - 4: invalid or unreadable config (`adapter_config.json`)
+//! - 5: invalid tensor file (corrupt safetensors, missing/mis-shaped/non-finite tensor)
+//! - 6: file system error (missing directory or file, permissions)
+
+mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// PVeRA adapters: inspect, verify, and (soon) train and serve, with exact Hugging Face PEFT parity.
+#[derive(Parser, Debug)]
+#[command(name = "pvera", version, about, long_about = None)]
+struct Cli {
+    /// Log level for warnings and diagnostics (error, warn, info, debug).
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print an adapter directory's config, tensors and parameter counts; optionally verify
+    /// that the stored projections equal the ones regenerated from `projection_prng_key`.
+    Inspect(inspect::Args),
+}
+
+/// Exit code for a library error (see the crate docs).
+pub fn exit_code_for(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<pvera::Error>() {
+            return match e {
+                pvera::Error::InvalidConfig { .. }
+                | pvera::Error::ConfigParse { .. }
+                | pvera::Error::WrongPeftType { .. } => 4,
+                pvera::Error::Safetensors { .. }
+                | pvera::Error::MissingTensor { .. }
+                | pvera::Error::ShapeMismatch { .. }
+                | pvera::Error::DtypeMismatch { .. }
+                | pvera::Error::NonFinite { .. } => 5,
+                pvera::Error::Io { .. } => 6,
+                _ => 1,
+            };
+        }
+        if cause.downcast_ref::<std::io::Error>().is_some() {
+            return 6;
+        }
+    }
+    1
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let result = match cli.command {
+        Command::Inspect(args) => inspect::run(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code_for(&e))
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! PEFT adapter files: the only place that spells PEFT's file names and tensor keys.
+//!
+//! A PEFT adapter directory holds `adapter_config.json` and `adapter_model.safetensors`
+//! (metadata `{"format": "pt"}`). The adapter called `default` lives in the directory itself,
+//! any other adapter in `<dir>/<name>/` (`peft_model.py:309`). Keys (spec §6):
+//!
+//! | entry | key |
+//! |---|---|
+//! | λ_b | `base_model.model.<path>.pvera_lambda_b` |
+//! | λ_d | `base_model.model.<path>.pvera_lambda_d` |
+//! | A, B (only with `save_projection`) | `base_model.pvera_A`, `base_model.pvera_B` |
+//! | modules_to_save | `base_model.model.<path>.<param>` |
+//! | bias of a targeted layer | `base_model.model.<path>.base_layer.bias` |
+//! | bias of another layer (`bias="all"`) | `base_model.model.<path>.bias` |
+//!
+//! Writes are atomic: each file is written to a temporary file in the same directory, flushed
+//! to disk, and renamed over the old one, so a crash never leaves a truncated file where a good
+//! one was.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+
+use crate::config::PveraConfig;
+use crate::error::{Error, Result};
+
+/// The config file name.
+pub const CONFIG_NAME: &str = "adapter_config.json";
+/// The weights file name.
+pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
+/// The legacy pickle weights file PEFT writes with `safe_serialization=False`.
+pub const LEGACY_WEIGHTS_NAME: &str = "adapter_model.bin";
+/// Key of the shared A projection.
+pub const PROJ_A_KEY: &str = "base_model.pvera_A";
+/// Key of the shared B projection.
+pub const PROJ_B_KEY: &str = "base_model.pvera_B";
+/// Prefix of every model tensor in an adapter file.
+pub const MODEL_PREFIX: &str = "base_model.model.";
+/// PEFT's name of the adapter that lives at the top of a directory.
+pub const DEFAULT_ADAPTER: &str = "default";
+
+/// Key of λ_b for a module.
+pub fn lambda_b_key(path: &str) -> String {
+    format!("{MODEL_PREFIX}{path}.pvera_lambda_b")
+}
+/// Key of λ_d for a module.
+pub fn lambda_d_key(path: &str) -> String {
+    format!("{MODEL_PREFIX}{path}.pvera_lambda_d")
+}
+/// Key of a `modules_to_save` parameter (`param` is `weight` or `bias`).
+pub fn module_param_key(path: &str, param: &str) -> String {
+    format!("{MODEL_PREFIX}{path}.{param}")
+}
+/// Key of a trainable bias: targeted layers wrap their base layer, so PEFT writes
+/// `<path>.base_layer.bias`; other layers keep `<path>.bias`.
+pub fn bias_key(path: &str, targeted: bool) -> String {
+    if targeted {
+        format!("{MODEL_PREFIX}{path}.base_layer.bias")
+    } else {
+        format!("{MODEL_PREFIX}{path}.bias")
+    }
+}
+
+/// Splits a λ key into (module path, "b" | "d").
+pub fn parse_lambda_key(key: &str) -> Option<(&str, char)> {
+    let rest = key.strip_prefix(MODEL_PREFIX)?;
+    if let Some(p) = rest.strip_suffix(".pvera_lambda_b") {
+        Some((p, 'b'))
+    } else {
+        rest.strip_suffix(".pvera_lambda_d").map(|p| (p, 'd'))
+    }
+}
+
+/// Directory of an adapter inside a saved PEFT directory.
+pub fn adapter_dir(root: &Path, name: &str) -> PathBuf {
+    if name == DEFAULT_ADAPTER {
+        root.to_path_buf()
+    } else {
+        root.join(name)
+    }
+}
+
+/// A tensor read from a file, with the dtype it had on disk.
+#[derive(Clone, Debug)]
+pub struct StoredTensor {
+    /// The values (in the stored dtype).
+    pub tensor: Tensor,
+    /// The dtype in the file, as safetensors names it (`F32`, `BF16`, ...).
+    pub file_dtype: String,
+}
+
+/// The contents of an adapter directory.
+#[derive(Clone, Debug)]
+pub struct AdapterFiles {
+    /// Parsed `adapter_config.json`.
+    pub config: PveraConfig,
+    /// Every tensor in `adapter_model.safetensors`, by key.
+    pub tensors: BTreeMap<String, StoredTensor>,
+    /// The safetensors metadata.
+    pub metadata: HashMap<String, String>,
+    /// Where the weights came from.
+    pub weights_path: PathBuf,
+}
+
+/// Reads an adapter directory (config + safetensors), validating the file structure.
+pub fn read_adapter_dir(dir: &Path, device: &Device) -> Result<AdapterFiles> {
+    if !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "adapter directory not found (expected a folder with adapter_config.json and \
+                 adapter_model.safetensors, as PEFT's save_pretrained writes)",
+            ),
+        ));
+    }
+    let config = PveraConfig::from_dir(dir)?;
+    let weights_path = dir.join(WEIGHTS_NAME);
+    if !weights_path.exists() {
+        let hint = if dir.join(LEGACY_WEIGHTS_NAME).exists() {
+            " (found adapter_model.bin: a pickle file PEFT writes with safe_serialization=False; \
+             pvera reads only safetensors: re-save it in Python with save_pretrained(dir) or \
+             safetensors.torch.save_file)"
+        } else {
+            ""
+        };
+        return Err(Error::io(
+            &weights_path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("adapter weights not found{hint}")),
+        ));
+    }
+    let (tensors, metadata) = read_safetensors(&weights_path, device)?;
+    Ok(AdapterFiles { config, tensors, metadata, weights_path })
+}
+
+/// Reads a safetensors file into tensors on `device`, keeping the stored dtype (F32, F16, BF16,
+/// F64 and integer types are accepted). The header is validated by the `safetensors` crate
+/// (length, JSON, offsets inside the file, no overlap).
+pub fn read_safetensors(
+    path: &Path,
+    device: &Device,
+) -> Result<(BTreeMap<String, StoredTensor>, HashMap<String, String>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_safetensors(&bytes, &path.display().to_string(), device)
+}
+
+/// Parses safetensors bytes (see [`read_safetensors`]); `file` names the source in errors.
+pub fn parse_safetensors(
+    bytes: &[u8],
+    file: &str,
+    device: &Device,
+) -> Result<(BTreeMap<String, StoredTensor>, HashMap<String, String>)> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
+        file: file.to_string(),
+        reason: format!("{e} (the file is truncated or not written by safetensors)"),
+    })?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
+        file: file.to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let t = view_to_tensor(&view, file, &name, device)?;
+        out.insert(name, StoredTensor { tensor: t, file_dtype: format!("{:?}", view.dtype()) });
+    }
+    Ok((out, metadata))
+}
+
+fn view_to_tensor(view: &TensorView<'_>, file: &str, key: &str, device: &Device) -> Result<Tensor> {
+    let dtype = match view.dtype() {
+        StDtype::F32 => DType::F32,
+        StDtype::F16 => DType::F16,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F64 => DType::F64,
+        StDtype::I64 => DType::I64,
+        StDtype::U32 => DType::U32,
+        StDtype::U8 => DType::U8,
+        other => {
+            return Err(Error::DtypeMismatch {
+                file: file.to_string(),
+                key: key.to_string(),
+                got: format!("{other:?}"),
+                expected: "F32, F16, BF16, F64, I64, U32 or U8".into(),
+            })
+        }
+    };
+    Ok(Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)?)
+}
+
+fn st_dtype(d: DType) -> Result<StDtype> {
+    Ok(match d {
+        DType::F32 => StDtype::F32,
+        DType::F16 => StDtype::F16,
+        DType::BF16 => StDtype::BF16,
+        DType::F64 => StDtype::F64,
+        DType::I64 => StDtype::I64,
+        DType::U32 => StDtype::U32,
+        DType::U8 => StDtype::U8,
+        other => return Err(Error::Model(format!("cannot write dtype {other:?} to safetensors"))),
+    })
+}
+
+/// Serialises tensors to safetensors bytes with the given metadata.
+pub fn serialize_safetensors(
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let mut raw: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        let t = t.to_device(&Device::Cpu)?.contiguous()?;
+        let bytes = tensor_bytes(&t)?;
+        raw.push((k.clone(), st_dtype(t.dtype())?, t.dims().to_vec(), bytes));
+    }
+    let views: Vec<(String, TensorView<'_>)> = raw
+        .iter()
+        .map(|(k, d, s, b)| {
+            TensorView::new(*d, s.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::Model(format!("tensor {k}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize(views, metadata).map_err(|e| Error::Model(format!("safetensors: {e}")))
+}
+
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F64 => flat.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::F16 => flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => flat.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::I64 => flat.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::U32 => flat.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::U8 => flat.to_vec1::<u8>()?,
+        other => return Err(Error::Model(format!("cannot serialise dtype {other:?}"))),
+    })
+}
+
+/// PEFT's safetensors metadata.
+pub fn pt_metadata() -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), "pt".to_string())])
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename,
+/// then fsync of the directory. A crash at any point leaves either the old or the new file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// Writes one adapter directory: weights first, then the config, each atomically. The config is
+/// rewritten only when its bytes change, so repeated checkpoints of one run never have a moment
+/// with a config that disagrees with the weights.
+pub fn write_adapter_dir(
+    dir: &Path,
+    config: &PveraConfig,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let bytes = serialize_safetensors(tensors, Some(pt_metadata()))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    write_atomic(&dir.join(WEIGHTS_NAME), &bytes)?;
+    let cfg = config.to_json_string();
+    let cfg_path = dir.join(CONFIG_NAME);
+    let same = std::fs::read(&cfg_path).map(|old| old == cfg.as_bytes()).unwrap_or(false);
+    if !same {
+        write_atomic(&cfg_path, cfg.as_bytes())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,111 @@
+//! The library's one error type.
+//!
+//! Every variant carries what a user needs to fix the problem: the file or key involved, what was
+//! expected, what was found. Messages follow PEFT's wording where PEFT has a message for the same
+//! situation, so users searching for a PEFT error find the same cause.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `pvera`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+#[allow(missing_docs)] // variant fields are named for what they hold
+pub enum Error {
+    /// A configuration value is invalid (`r <= 0`, unknown `bias`, ...).
+    #[error("invalid PVeRA config: `{field}`: {reason}")]
+    InvalidConfig { field: String, reason: String },
+
+    /// A JSON document could not be parsed (malformed, truncated, or a field of the wrong type).
+    #[error("cannot parse {path}: {reason}")]
+    ConfigParse { path: String, reason: String },
+
+    /// The config is for another PEFT method.
+    #[error(
+        "{path}: `peft_type` is {found:?}, expected \"PVERA\"; this adapter was written for another PEFT method \
+         and cannot be loaded as PVeRA"
+    )]
+    WrongPeftType { path: String, found: String },
+
+    /// No registered linear layer matched the target patterns.
+    #[error(
+        "No layers types compatible with PVeRA were found. Please check `peft_config.target_modules`: \
+         {patterns} matched none of the model's linear layers. Known linear layers: {known}"
+    )]
+    NoTargetMatched { patterns: String, known: String },
+
+    /// The model type has no default target modules and none were given.
+    #[error(
+        "Please specify `target_modules` in `peft_config`: model type {model_type:?} has no default PVeRA \
+         targets (PEFT's table has none either)"
+    )]
+    NoDefaultTargets { model_type: String },
+
+    /// A tensor expected in a checkpoint or input file is absent.
+    #[error("{file}: missing tensor `{key}`{hint}")]
+    MissingTensor { file: String, key: String, hint: String },
+
+    /// A tensor has the wrong shape.
+    #[error("{file}: tensor `{key}` has shape {got:?}, expected {expected}{hint}")]
+    ShapeMismatch {
+        file: String,
+        key: String,
+        expected: String,
+        got: Vec<usize>,
+        hint: String,
+    },
+
+    /// A tensor has an unsupported dtype.
+    #[error("{file}: tensor `{key}` has dtype {got}, expected one of {expected}")]
+    DtypeMismatch { file: String, key: String, got: String, expected: String },
+
+    /// A tensor holds NaN or infinite values where finite ones are required.
+    #[error("{what}: {count} non-finite value(s) (NaN or Inf){hint}")]
+    NonFinite { what: String, count: usize, hint: String },
+
+    /// A safetensors file is malformed (bad header, offsets past the end, ...).
+    #[error("{file}: not a valid safetensors file: {reason}")]
+    Safetensors { file: String, reason: String },
+
+    /// An adapter operation is not allowed in the current state (PEFT's ValueErrors).
+    #[error("{0}")]
+    Adapter(String),
+
+    /// An adapter name that does not exist.
+    #[error("adapter {name:?} does not exist; known adapters: {known}")]
+    UnknownAdapter { name: String, known: String },
+
+    /// Projection matrices are incompatible with a layer or a later adapter.
+    #[error("{0}")]
+    Projection(String),
+
+    /// A file system operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An error from candle's tensor library.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+
+    /// A model definition problem (unknown module, unsupported layer kind, ...).
+    #[error("{0}")]
+    Model(String),
+}
+
+impl Error {
+    /// Helper for I/O errors that always names the path.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    /// Helper for config validation errors.
+    pub fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidConfig { field: field.into(), reason: reason.into() }
+    }
+}

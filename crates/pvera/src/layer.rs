@@ -1,0 +1,733 @@
+//! The adaptable linear site and the PVeRA math.
+//!
+//! Every linear layer a model asks the [`crate::inject::Builder`] for is a [`Linear`]: a cheap
+//! handle (`Arc`) to a [`Site`] that holds the frozen base weight and a slot per adapter. The same
+//! `Arc` sits in the model and in the builder's registry, so [`crate::PeftModel`] can add, merge,
+//! switch and delete adapters without rebuilding the model.
+//!
+//! Forward (PEFT `tuners/pvera/layer.py:287-320`):
+//! ```text
+//! x' = dropout(x.to(f32))
+//! h  = λ_d ⊙ (x' · A[:, :in]ᵀ)            (..., 2R)
+//! mu, logvar = h[..., :R], h[..., R:]
+//! z  = mu                                  eval, not sampling
+//! z  = mu + ε ⊙ exp(0.5·logvar)            training or sampling; ε ~ N(0, 1), shape of mu
+//! y  = base(x) + Σ_active λ_b ⊙ (z · B[:out, :]ᵀ)      then cast to x's dtype
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::projection::Projections;
+use crate::rng::TorchGenerator;
+use crate::state::{KlTerm, Mode, RunState, Sampling};
+
+/// How the base weight is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearKind {
+    /// `torch.nn.Linear`: weight (out, in), `y = x Wᵀ + b`.
+    Linear,
+    /// `transformers.pytorch_utils.Conv1D` (GPT-2): weight (in, out), `y = x W + b`; PEFT sets
+    /// `fan_in_fan_out = true` for these layers.
+    Conv1D,
+}
+
+impl LinearKind {
+    /// PEFT's `fan_in_fan_out` for this kind.
+    pub fn fan_in_fan_out(self) -> bool {
+        matches!(self, LinearKind::Conv1D)
+    }
+}
+
+/// One adapter's parameters and settings in one layer.
+#[derive(Debug)]
+pub struct AdapterSlot {
+    lambda_b: Var,
+    lambda_d: Var,
+    r: usize,
+    dropout: f64,
+    sample_at_inference: bool,
+    generator: Option<Mutex<TorchGenerator>>,
+    projections: Arc<Projections>,
+    trainable: bool,
+}
+
+/// Settings for a new [`AdapterSlot`].
+#[derive(Clone, Debug)]
+pub struct SlotSpec {
+    /// Rank r (λ_d has 2r entries).
+    pub r: usize,
+    /// Dropout probability before A.
+    pub dropout: f64,
+    /// Sample the latent at inference in this layer.
+    pub sample_at_inference: bool,
+    /// Seed of this layer's own noise generator (PEFT's `generator_seed`), already mixed with the
+    /// module path when the noise policy asks for independent noise.
+    pub generator_seed: Option<u64>,
+    /// `init_weights`: λ_d = d_initial, λ_b = 0 (true) or λ_b = 1, λ_d ~ N(0, 1) (false).
+    pub init_weights: bool,
+    /// Initial value of λ_d when `init_weights`.
+    pub d_initial: f64,
+    /// Whether the λ's are trainable (active and not inference mode).
+    pub trainable: bool,
+}
+
+impl AdapterSlot {
+    /// λ_b (out).
+    pub fn lambda_b(&self) -> &Var {
+        &self.lambda_b
+    }
+    /// λ_d (2r).
+    pub fn lambda_d(&self) -> &Var {
+        &self.lambda_d
+    }
+    /// The rank r.
+    pub fn r(&self) -> usize {
+        self.r
+    }
+    /// Dropout probability.
+    pub fn dropout(&self) -> f64 {
+        self.dropout
+    }
+    /// Whether this layer samples at inference for this adapter.
+    pub fn sample_at_inference(&self) -> bool {
+        self.sample_at_inference
+    }
+    /// The projections this adapter uses.
+    pub fn projections(&self) -> &Arc<Projections> {
+        &self.projections
+    }
+    /// Whether the λ's are handed to an optimiser.
+    pub fn trainable(&self) -> bool {
+        self.trainable
+    }
+    /// The initial seed of this layer's own generator, if any.
+    pub fn generator_seed(&self) -> Option<u64> {
+        self.generator.as_ref().and_then(|g| g.lock().ok().map(|g| g.initial_seed()))
+    }
+}
+
+/// A per-adapter copy of a whole layer (PEFT's `ModulesToSaveWrapper` for a linear module).
+#[derive(Debug)]
+pub struct ModuleCopy {
+    /// Trainable copy of the weight (same layout as the base weight).
+    pub weight: Var,
+    /// Trainable copy of the bias.
+    pub bias: Option<Var>,
+}
+
+#[derive(Debug)]
+struct SiteInner {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// The base bias as a variable, when `bias != "none"` made it trainable.
+    bias_var: Option<Var>,
+    adapters: BTreeMap<String, AdapterSlot>,
+    merged: Vec<String>,
+    copies: BTreeMap<String, ModuleCopy>,
+}
+
+/// An adaptable linear layer: frozen base weight plus PVeRA adapter slots.
+#[derive(Debug)]
+pub struct Site {
+    path: String,
+    in_features: usize,
+    out_features: usize,
+    kind: LinearKind,
+    state: Arc<RunState>,
+    inner: RwLock<SiteInner>,
+}
+
+/// The handle models hold for every linear layer; cheap to clone, `Send + Sync`.
+#[derive(Clone, Debug)]
+pub struct Linear(pub(crate) Arc<Site>);
+
+fn poisoned() -> Error {
+    Error::Model("a layer lock was poisoned by a panicking thread".into())
+}
+
+impl Linear {
+    /// Wraps a base layer. `weight` is (out, in) for [`LinearKind::Linear`] and (in, out) for
+    /// [`LinearKind::Conv1D`].
+    pub fn new(
+        path: impl Into<String>,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        kind: LinearKind,
+        state: Arc<RunState>,
+    ) -> Result<Self> {
+        let path = path.into();
+        let (d0, d1) = weight.dims2().map_err(|_| Error::ShapeMismatch {
+            file: "model".into(),
+            key: format!("{path}.weight"),
+            expected: "a 2-D weight".into(),
+            got: weight.dims().to_vec(),
+            hint: String::new(),
+        })?;
+        let (in_features, out_features) = match kind {
+            LinearKind::Linear => (d1, d0),
+            LinearKind::Conv1D => (d0, d1),
+        };
+        if let Some(b) = &bias {
+            if b.dims() != [out_features] {
+                return Err(Error::ShapeMismatch {
+                    file: "model".into(),
+                    key: format!("{path}.bias"),
+                    expected: format!("[{out_features}]"),
+                    got: b.dims().to_vec(),
+                    hint: String::new(),
+                });
+            }
+        }
+        Ok(Self(Arc::new(Site {
+            path,
+            in_features,
+            out_features,
+            kind,
+            state,
+            inner: RwLock::new(SiteInner {
+                weight,
+                bias,
+                bias_var: None,
+                adapters: BTreeMap::new(),
+                merged: Vec::new(),
+                copies: BTreeMap::new(),
+            }),
+        })))
+    }
+
+    /// The site behind this handle.
+    pub fn site(&self) -> &Arc<Site> {
+        &self.0
+    }
+
+    /// Forward pass (see the module docs).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.0.forward(x)
+    }
+}
+
+impl candle_core::Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward(xs).map_err(candle_core::Error::wrap)
+    }
+}
+
+impl Site {
+    /// Module path, e.g. `encoder.layer.0.attention.self.query`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+    /// Linear or Conv1D.
+    pub fn kind(&self) -> LinearKind {
+        self.kind
+    }
+    /// The shared run state.
+    pub fn state(&self) -> &Arc<RunState> {
+        &self.state
+    }
+
+    fn read(&self) -> Result<RwLockReadGuard<'_, SiteInner>> {
+        self.inner.read().map_err(|_| poisoned())
+    }
+    fn write(&self) -> Result<RwLockWriteGuard<'_, SiteInner>> {
+        self.inner.write().map_err(|_| poisoned())
+    }
+
+    /// The current base weight (merged adapters included).
+    pub fn weight(&self) -> Result<Tensor> {
+        Ok(self.read()?.weight.clone())
+    }
+    /// The current base bias (the trainable one when `bias` made it trainable).
+    pub fn bias(&self) -> Result<Option<Tensor>> {
+        let g = self.read()?;
+        Ok(match &g.bias_var {
+            Some(v) => Some(v.as_tensor().clone()),
+            None => g.bias.clone(),
+        })
+    }
+    /// Replaces the base weight (same shape).
+    pub fn set_weight(&self, w: Tensor) -> Result<()> {
+        let mut g = self.write()?;
+        if w.dims() != g.weight.dims() {
+            return Err(Error::ShapeMismatch {
+                file: "model".into(),
+                key: format!("{}.weight", self.path),
+                expected: format!("{:?}", g.weight.dims()),
+                got: w.dims().to_vec(),
+                hint: String::new(),
+            });
+        }
+        g.weight = w;
+        Ok(())
+    }
+
+    /// Makes the base bias trainable (PEFT `bias="all"` / `"*_only"`) and returns it.
+    pub fn make_bias_trainable(&self) -> Result<Option<Var>> {
+        let mut g = self.write()?;
+        if let Some(v) = &g.bias_var {
+            return Ok(Some(v.clone()));
+        }
+        let Some(b) = g.bias.clone() else { return Ok(None) };
+        let v = Var::from_tensor(&b)?;
+        g.bias_var = Some(v.clone());
+        Ok(Some(v))
+    }
+    /// The trainable bias, if any.
+    pub fn trainable_bias(&self) -> Result<Option<Var>> {
+        Ok(self.read()?.bias_var.clone())
+    }
+    /// Freezes the bias again (keeping its current values).
+    pub fn freeze_bias(&self) -> Result<()> {
+        let mut g = self.write()?;
+        if let Some(v) = g.bias_var.take() {
+            g.bias = Some(v.as_detached_tensor());
+        }
+        Ok(())
+    }
+
+    /// Adds a per-adapter trainable copy of this layer (`modules_to_save`).
+    pub fn add_module_copy(&self, adapter: &str) -> Result<()> {
+        let mut g = self.write()?;
+        let weight = Var::from_tensor(&g.weight.to_dtype(DType::F32)?.to_dtype(g.weight.dtype())?)?;
+        let bias = match &g.bias {
+            Some(b) => Some(Var::from_tensor(b)?),
+            None => None,
+        };
+        g.copies.insert(adapter.to_string(), ModuleCopy { weight, bias });
+        Ok(())
+    }
+    /// The copy for `adapter`, if this layer is in `modules_to_save`.
+    pub fn module_copy(&self, adapter: &str) -> Result<Option<(Var, Option<Var>)>> {
+        Ok(self.read()?.copies.get(adapter).map(|c| (c.weight.clone(), c.bias.clone())))
+    }
+    /// Adapters that have a module copy here.
+    pub fn module_copy_names(&self) -> Result<Vec<String>> {
+        Ok(self.read()?.copies.keys().cloned().collect())
+    }
+    /// Removes a module copy.
+    pub fn remove_module_copy(&self, adapter: &str) -> Result<()> {
+        self.write()?.copies.remove(adapter);
+        Ok(())
+    }
+
+    /// Names of the adapters attached to this layer.
+    pub fn adapter_names(&self) -> Result<Vec<String>> {
+        Ok(self.read()?.adapters.keys().cloned().collect())
+    }
+    /// True when `adapter` has λ's in this layer.
+    pub fn has_adapter(&self, adapter: &str) -> Result<bool> {
+        Ok(self.read()?.adapters.contains_key(adapter))
+    }
+    /// True if any adapter is attached (PEFT then names the base bias `base_layer.bias`).
+    pub fn is_targeted(&self) -> Result<bool> {
+        Ok(!self.read()?.adapters.is_empty())
+    }
+    /// Adapters currently merged into the weight, in merge order.
+    pub fn merged_adapters(&self) -> Result<Vec<String>> {
+        Ok(self.read()?.merged.clone())
+    }
+
+    /// Runs `f` on an adapter's slot.
+    pub fn with_slot<T>(&self, adapter: &str, f: impl FnOnce(&AdapterSlot) -> T) -> Result<T> {
+        let g = self.read()?;
+        let slot = g.adapters.get(adapter).ok_or_else(|| Error::UnknownAdapter {
+            name: adapter.to_string(),
+            known: format!("{:?} in layer {}", g.adapters.keys().collect::<Vec<_>>(), self.path),
+        })?;
+        Ok(f(slot))
+    }
+
+    /// Attaches a new adapter, with PEFT's checks of the shared projections
+    /// (`layer.py:113-151`) plus a stricter rank check: PEFT accepts `r < R` here and then fails
+    /// in the forward pass with a size mismatch (spec §4); this refuses it up front.
+    pub fn add_adapter(
+        &self,
+        name: &str,
+        projections: Arc<Projections>,
+        spec: &SlotSpec,
+        global: &mut TorchGenerator,
+    ) -> Result<()> {
+        if spec.r == 0 {
+            return Err(Error::config(
+                "r",
+                "`r` should be a positive integer value but the value passed is 0",
+            ));
+        }
+        if projections.in_max() < self.in_features {
+            return Err(Error::Projection(format!(
+                "pvera_A has a size of {} but {} or greater is required; this probably happened \
+                 because an additional PVeRA adapter was added after the first one with \
+                 incompatible shapes (layer {}).",
+                projections.in_max(),
+                self.in_features,
+                self.path
+            )));
+        }
+        if projections.out_max() < self.out_features {
+            return Err(Error::Projection(format!(
+                "pvera_B has a size of {} but {} or greater is required; this probably happened \
+                 because an additional PVeRA adapter was added after the first one with \
+                 incompatible shapes (layer {}).",
+                projections.out_max(),
+                self.out_features,
+                self.path
+            )));
+        }
+        if projections.r() != spec.r {
+            return Err(Error::Projection(format!(
+                "adapter {name:?} has r={} but the shared projections have rank {} (set by the \
+                 first adapter); all PVeRA adapters of a model must use the same r, since they \
+                 share pvera_A and pvera_B (PEFT accepts a lower r here and then fails in the \
+                 forward pass)",
+                spec.r,
+                projections.r()
+            )));
+        }
+        let device = projections.device().clone();
+        let out = self.out_features;
+        let two_r = 2 * spec.r;
+        // PEFT: λ_b = ones(out), λ_d = randn(2r) from the global generator, overwritten when
+        // init_weights. We draw λ_d only when it is kept, so `init_weights=true` consumes nothing.
+        let (lb, ld) = if spec.init_weights {
+            (vec![0f32; out], vec![spec.d_initial as f32; two_r])
+        } else {
+            (vec![1f32; out], global.randn_f32(two_r))
+        };
+        let lambda_b = Var::from_vec(lb, out, &device)?;
+        let lambda_d = Var::from_vec(ld, two_r, &device)?;
+        let generator = spec.generator_seed.map(|s| Mutex::new(TorchGenerator::new(s)));
+        let slot = AdapterSlot {
+            lambda_b,
+            lambda_d,
+            r: spec.r,
+            dropout: spec.dropout,
+            sample_at_inference: spec.sample_at_inference,
+            generator,
+            projections,
+            trainable: spec.trainable,
+        };
+        self.write()?.adapters.insert(name.to_string(), slot);
+        Ok(())
+    }
+
+    /// Removes an adapter. Refused while it is merged (as PEFT refuses deleting merged adapters).
+    pub fn delete_adapter(&self, name: &str) -> Result<()> {
+        let mut g = self.write()?;
+        if g.merged.iter().any(|m| m == name) {
+            return Err(Error::Adapter(format!(
+                "cannot delete adapter {name:?} from {} while it is merged; unmerge first",
+                self.path
+            )));
+        }
+        g.adapters.remove(name);
+        g.copies.remove(name);
+        Ok(())
+    }
+
+    /// Sets λ_b and λ_d of an adapter from tensors (checkpoint load); shapes must match.
+    pub fn set_lambdas(&self, adapter: &str, lambda_b: &Tensor, lambda_d: &Tensor) -> Result<()> {
+        let g = self.read()?;
+        let slot = g.adapters.get(adapter).ok_or_else(|| Error::UnknownAdapter {
+            name: adapter.to_string(),
+            known: format!("{:?}", g.adapters.keys().collect::<Vec<_>>()),
+        })?;
+        let device = slot.lambda_b.device().clone();
+        slot.lambda_b.set(&lambda_b.to_dtype(DType::F32)?.to_device(&device)?.contiguous()?)?;
+        slot.lambda_d.set(&lambda_d.to_dtype(DType::F32)?.to_device(&device)?.contiguous()?)?;
+        Ok(())
+    }
+
+    /// Changes whether an adapter's λ's are trainable.
+    pub fn set_trainable(&self, adapter: &str, trainable: bool) -> Result<()> {
+        if let Some(slot) = self.write()?.adapters.get_mut(adapter) {
+            slot.trainable = trainable;
+        }
+        Ok(())
+    }
+
+    /// Switches sampling at inference for one adapter in this layer (run time).
+    pub fn set_sample_at_inference(&self, adapter: &str, on: bool) -> Result<()> {
+        let mut g = self.write()?;
+        let known = format!("{:?}", g.adapters.keys().collect::<Vec<_>>());
+        let slot = g.adapters.get_mut(adapter).ok_or_else(|| Error::UnknownAdapter {
+            name: adapter.to_string(),
+            known,
+        })?;
+        slot.sample_at_inference = on;
+        Ok(())
+    }
+
+    /// Reseeds this layer's noise generator for an adapter (`None` removes it, so noise comes
+    /// from the run state's global generator).
+    pub fn set_generator_seed(&self, adapter: &str, seed: Option<u64>) -> Result<()> {
+        let mut g = self.write()?;
+        if let Some(slot) = g.adapters.get_mut(adapter) {
+            slot.generator = seed.map(|s| Mutex::new(TorchGenerator::new(s)));
+        }
+        Ok(())
+    }
+
+    /// ΔW of one adapter (mean path only), in the base weight's layout ((out, in), or (in, out)
+    /// for Conv1D), f32:
+    /// `ΔW = (λ_b[:,None] ⊙ B[:out]) @ (λ_d[:R,None] ⊙ A[:R, :in])` (PEFT `layer.py:243-285`).
+    pub fn delta_weight(&self, adapter: &str) -> Result<Tensor> {
+        let g = self.read()?;
+        self.delta_weight_locked(&g, adapter)
+    }
+
+    fn delta_weight_locked(&self, g: &SiteInner, adapter: &str) -> Result<Tensor> {
+        let slot = g.adapters.get(adapter).ok_or_else(|| Error::UnknownAdapter {
+            name: adapter.to_string(),
+            known: format!("{:?}", g.adapters.keys().collect::<Vec<_>>()),
+        })?;
+        let r = slot.r;
+        let out = self.out_features;
+        let p = &slot.projections;
+        let b = p.b_slice(out)?; // (out, R)
+        let a = p.a_slice(self.in_features)?.narrow(0, 0, r)?; // (R, in)
+        let lb = slot.lambda_b.as_tensor().reshape((out, 1))?;
+        let ld = slot.lambda_d.as_tensor().narrow(0, 0, r)?.reshape((r, 1))?;
+        let dw = b.broadcast_mul(&lb)?.matmul(&a.broadcast_mul(&ld)?)?;
+        Ok(match self.kind {
+            LinearKind::Linear => dw,
+            LinearKind::Conv1D => dw.t()?.contiguous()?,
+        })
+    }
+
+    /// Merges adapters into the base weight (`None`: the active adapters). Already merged adapters
+    /// are skipped. With `safe`, the result is checked for NaN/Inf first and the weight is left
+    /// untouched if any appear. Returns the adapters merged by this call.
+    pub fn merge(&self, adapters: Option<&[String]>, safe: bool) -> Result<Vec<String>> {
+        let mut g = self.write()?;
+        let wanted: Vec<String> = match adapters {
+            Some(a) => a.to_vec(),
+            None => self.state.active_adapters(),
+        };
+        let mut done = Vec::new();
+        for name in wanted {
+            if g.merged.contains(&name) || !g.adapters.contains_key(&name) {
+                continue;
+            }
+            let dw = self.delta_weight_locked(&g, &name)?;
+            let dtype = g.weight.dtype();
+            let merged = (g.weight.to_dtype(DType::F32)? + dw)?;
+            if safe {
+                let bad = count_non_finite(&merged)?;
+                if bad > 0 {
+                    return Err(Error::NonFinite {
+                        what: format!("merged weight of {} with adapter {name:?}", self.path),
+                        count: bad,
+                        hint: format!(
+                            " (NaNs detected in the merged weights. The adapter {name} seems to be \
+                             broken); the weight was left unchanged"
+                        ),
+                    });
+                }
+            }
+            g.weight = merged.to_dtype(dtype)?;
+            g.merged.push(name.clone());
+            done.push(name);
+        }
+        Ok(done)
+    }
+
+    /// Unmerges every merged adapter, last merged first (LIFO). Returns how many were unmerged.
+    pub fn unmerge(&self) -> Result<usize> {
+        let mut g = self.write()?;
+        let mut n = 0;
+        while let Some(name) = g.merged.pop() {
+            if g.adapters.contains_key(&name) {
+                let dw = self.delta_weight_locked(&g, &name)?;
+                let dtype = g.weight.dtype();
+                g.weight = (g.weight.to_dtype(DType::F32)? - dw)?.to_dtype(dtype)?;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Drops every adapter and module copy (after an optional merge), leaving a plain layer.
+    pub fn strip_adapters(&self) -> Result<()> {
+        let mut g = self.write()?;
+        g.adapters.clear();
+        g.merged.clear();
+        g.copies.clear();
+        if let Some(v) = g.bias_var.take() {
+            g.bias = Some(v.as_detached_tensor());
+        }
+        Ok(())
+    }
+
+    fn base_forward(
+        &self,
+        x2: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let x2 = if x2.dtype() != weight.dtype() { x2.to_dtype(weight.dtype())? } else { x2.clone() };
+        let y = match self.kind {
+            LinearKind::Linear => x2.matmul(&weight.t()?)?,
+            LinearKind::Conv1D => x2.matmul(weight)?,
+        };
+        Ok(match bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        })
+    }
+
+    /// The forward pass.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let Some((&last, lead)) = dims.split_last() else {
+            return Err(Error::ShapeMismatch {
+                file: "input".into(),
+                key: self.path.clone(),
+                expected: format!("(..., {})", self.in_features),
+                got: dims.clone(),
+                hint: String::new(),
+            });
+        };
+        if last != self.in_features {
+            return Err(Error::ShapeMismatch {
+                file: "input".into(),
+                key: self.path.clone(),
+                expected: format!("(..., {})", self.in_features),
+                got: dims.clone(),
+                hint: " (the last dimension must equal the layer's in_features)".into(),
+            });
+        }
+        let n: usize = lead.iter().product();
+        let x2 = x.reshape((n, self.in_features))?;
+        let in_dtype = x.dtype();
+
+        if self.state.adapters_disabled() {
+            if !self.read()?.merged.is_empty() {
+                self.unmerge()?;
+            }
+            let g = self.read()?;
+            let bias = g.bias_var.as_ref().map(|v| v.as_tensor()).or(g.bias.as_ref());
+            let y = self.base_forward(&x2, &g.weight, bias)?;
+            return finish(y, lead, self.out_features, in_dtype);
+        }
+
+        let g = self.read()?;
+        let active = self.state.active_adapters();
+        // modules_to_save: the first active adapter with a copy replaces the whole layer.
+        if let Some(copy) = active.iter().find_map(|a| g.copies.get(a)) {
+            let y = self.base_forward(&x2, copy.weight.as_tensor(), copy.bias.as_ref().map(|b| b.as_tensor()))?;
+            return finish(y, lead, self.out_features, in_dtype);
+        }
+        let bias = g.bias_var.as_ref().map(|v| v.as_tensor()).or(g.bias.as_ref());
+        let mut y = self.base_forward(&x2, &g.weight, bias)?;
+        if !g.merged.is_empty() {
+            return finish(y, lead, self.out_features, in_dtype);
+        }
+        let mode = self.state.mode();
+        let sampling = self.state.sampling();
+        let mut xf: Option<Tensor> = None;
+        for name in &active {
+            let Some(slot) = g.adapters.get(name) else { continue };
+            let x32 = match &xf {
+                Some(t) => t.clone(),
+                None => {
+                    let t = x2.to_dtype(DType::F32)?;
+                    xf = Some(t.clone());
+                    t
+                }
+            };
+            let delta = self.adapter_delta(slot, name, &x32, mode, sampling)?;
+            if y.dtype() != DType::F32 {
+                y = y.to_dtype(DType::F32)?;
+            }
+            y = (y + delta)?;
+        }
+        finish(y, lead, self.out_features, in_dtype)
+    }
+
+    fn adapter_delta(
+        &self,
+        slot: &AdapterSlot,
+        name: &str,
+        x32: &Tensor,
+        mode: Mode,
+        sampling: Sampling,
+    ) -> Result<Tensor> {
+        let training = mode == Mode::Train;
+        let n = x32.dims()[0];
+        let r = slot.r;
+        let p = &slot.projections;
+        let xd = if training && slot.dropout > 0.0 {
+            let numel = x32.elem_count();
+            let mut mask = vec![1f32; numel];
+            self.state.with_global_generator(|g| g.dropout_f32(&mut mask, slot.dropout))?;
+            let mask = Tensor::from_vec(mask, x32.dims(), x32.device())?;
+            (x32 * mask)?
+        } else {
+            x32.clone()
+        };
+        let a_t = p.a_slice_t(self.in_features)?; // (in, 2R)
+        let h = xd.matmul(&a_t)?.broadcast_mul(slot.lambda_d.as_tensor())?; // (n, 2R)
+        let mu = h.narrow(1, 0, r)?;
+        let sample = training
+            || match sampling {
+                Sampling::FromConfig => slot.sample_at_inference,
+                Sampling::Always => true,
+                Sampling::Never => false,
+            };
+        let z = if sample {
+            let logvar = h.narrow(1, r, r)?;
+            let eps = match &slot.generator {
+                Some(gen) => gen.lock().map_err(|_| poisoned())?.randn_f32(n * r),
+                None => self.state.with_global_generator(|g| g.randn_f32(n * r))?,
+            };
+            let eps = Tensor::from_vec(eps, (n, r), x32.device())?;
+            let std = (&logvar * 0.5)?.exp()?;
+            if training && self.state.collect_kl() {
+                let kl = kl_term(&mu, &logvar)?;
+                self.state.push_kl(KlTerm {
+                    module: self.path.clone(),
+                    adapter: name.to_string(),
+                    value: kl,
+                })?;
+            }
+            (&mu + (eps * std)?)?
+        } else {
+            mu
+        };
+        let b_t = p.b_slice_t(self.out_features)?; // (R, out)
+        Ok(z.matmul(&b_t)?.broadcast_mul(slot.lambda_b.as_tensor())?)
+    }
+}
+
+/// `-0.5 * mean(1 + logvar - mu² - exp(logvar))`: KL(N(mu, exp(logvar)) ‖ N(0, 1)) averaged over
+/// all elements, as the PVeRA paper's code computes it.
+pub fn kl_term(mu: &Tensor, logvar: &Tensor) -> Result<Tensor> {
+    let inner = ((logvar + 1.0)? - mu.sqr()?)?;
+    let inner = (inner - logvar.exp()?)?;
+    Ok((inner.mean_all()? * -0.5)?)
+}
+
+fn finish(y: Tensor, lead: &[usize], out: usize, dtype: DType) -> Result<Tensor> {
+    let mut shape = lead.to_vec();
+    shape.push(out);
+    let y = y.reshape(shape)?;
+    Ok(if y.dtype() != dtype { y.to_dtype(dtype)? } else { y })
+}
+
+/// Number of NaN or infinite values in a tensor.
+pub fn count_non_finite(t: &Tensor) -> Result<usize> {
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.iter().filter(|x| !x.is_finite()).count())
+}

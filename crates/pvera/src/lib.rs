@@ -1,0 +1,40 @@
+//! # pvera
+//!
+//! PVeRA (Probabilistic Vector-based Random Matrix Adaptation, arXiv 2512.07703) adapters on
+//! [candle](https://github.com/huggingface/candle), with exact parity with Hugging Face PEFT's
+//! `PveraConfig` (peft 0.21.2): the same `adapter_config.json` and `adapter_model.safetensors`,
+//! projections regenerated bit for bit from `projection_prng_key`, and the same outputs.
+//!
+//! Map (see `ARCHITECTURE.md`):
+//! - [`config`]: [`PveraConfig`] <-> `adapter_config.json`.
+//! - [`rng`]: a PyTorch-exact CPU generator (MT19937, `kaiming_uniform_`, `randn`, dropout).
+//! - [`projection`]: the shared frozen A and B.
+//! - [`layer`]: the adaptable linear site and the PVeRA math (forward, KL, ΔW, merge).
+//! - [`state`]: mode, sampling, active adapters and KL terms shared by all layers of a model.
+//! - [`inject`]: the model [`Builder`] and the site [`Registry`].
+//! - [`targets`]: PEFT's target-module matching and default targets.
+//! - [`peft_model`]: [`PeftModel`], the adapter lifecycle.
+//! - [`checkpoint`]: PEFT's file and key names, atomic saving.
+//! - [`models`]: model families built through the builder.
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod inject;
+pub mod layer;
+pub mod models;
+pub mod peft_model;
+pub mod projection;
+pub mod rng;
+pub mod state;
+pub mod targets;
+
+pub use config::PveraConfig;
+pub use error::{Error, Result};
+pub use inject::{Builder, ModelInfo, Registry};
+pub use layer::{Linear, LinearKind};
+pub use peft_model::PeftModel;
+pub use projection::Projections;
+pub use rng::{TorchGenerator, TorchKernel};
+pub use state::{Mode, NoisePolicy, RunState, Sampling};

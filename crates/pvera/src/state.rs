@@ -1,0 +1,201 @@
+//! Run state shared by every adaptable layer of one model.
+//!
+//! Model `forward` signatures stay as each family needs them; what PEFT keeps in module flags
+//! (`training`, the active adapters, `disable_adapters`) lives here, in one object every site
+//! holds an `Arc` to. KL terms of the PVeRA latent are collected here during a training forward
+//! and drained by the trainer.
+
+use std::sync::{Mutex, RwLock};
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::rng::TorchGenerator;
+
+/// Whether layers behave as in `model.train()` or `model.eval()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Training: dropout active, the latent is always sampled.
+    Train,
+    /// Evaluation: the mean path, unless `sample_at_inference` asks for sampling.
+    #[default]
+    Eval,
+}
+
+/// Run-time override of each adapter's `sample_at_inference` in eval mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Sampling {
+    /// Use each layer's own setting (from the config; per module when it is a dict).
+    #[default]
+    FromConfig,
+    /// Sample the latent everywhere (Monte Carlo prediction).
+    Always,
+    /// Never sample in eval mode (the mean path).
+    Never,
+}
+
+/// How sampling noise is drawn when an adapter has a `generator_seed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum NoisePolicy {
+    /// PEFT's behaviour: every adapted layer owns a generator seeded with `generator_seed`, so
+    /// same-shaped layers draw identical noise on every call (spec §9.2). Sampled outputs match
+    /// PEFT's given the same inputs.
+    #[default]
+    PeftCompatible,
+    /// Each layer's generator is seeded with a mix of `generator_seed` and the layer's module
+    /// path, so layers draw independent noise; still reproducible from the seed.
+    Independent,
+}
+
+/// One KL term produced by one adapter in one layer during a forward pass.
+#[derive(Clone, Debug)]
+pub struct KlTerm {
+    /// Module path of the layer.
+    pub module: String,
+    /// Adapter name.
+    pub adapter: String,
+    /// Scalar tensor `-0.5 * mean(1 + logvar - mu^2 - exp(logvar))`, differentiable.
+    pub value: Tensor,
+}
+
+#[derive(Debug)]
+struct Flags {
+    mode: Mode,
+    sampling: Sampling,
+    active: Vec<String>,
+    disabled: bool,
+    collect_kl: bool,
+    noise: NoisePolicy,
+}
+
+/// The shared state of one model (see the module docs).
+#[derive(Debug)]
+pub struct RunState {
+    flags: RwLock<Flags>,
+    kl: Mutex<Vec<KlTerm>>,
+    /// The generator used where PEFT uses torch's global generator: noise of adapters without
+    /// `generator_seed`, and dropout masks.
+    global: Mutex<TorchGenerator>,
+}
+
+impl Default for RunState {
+    fn default() -> Self {
+        Self::new(0)
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Model("the run-state lock was poisoned by a panicking thread".into())
+}
+
+impl RunState {
+    /// A fresh state in eval mode with `seed` for the global generator.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            flags: RwLock::new(Flags {
+                mode: Mode::Eval,
+                sampling: Sampling::FromConfig,
+                active: vec!["default".to_string()],
+                disabled: false,
+                collect_kl: true,
+                noise: NoisePolicy::PeftCompatible,
+            }),
+            kl: Mutex::new(Vec::new()),
+            global: Mutex::new(TorchGenerator::new(seed)),
+        }
+    }
+
+    /// Current mode.
+    pub fn mode(&self) -> Mode {
+        self.flags.read().map(|f| f.mode).unwrap_or_default()
+    }
+    /// Switches train/eval.
+    pub fn set_mode(&self, mode: Mode) -> Result<()> {
+        self.flags.write().map_err(|_| poisoned())?.mode = mode;
+        Ok(())
+    }
+    /// Current sampling override.
+    pub fn sampling(&self) -> Sampling {
+        self.flags.read().map(|f| f.sampling).unwrap_or_default()
+    }
+    /// Sets the sampling override for eval mode.
+    pub fn set_sampling(&self, sampling: Sampling) -> Result<()> {
+        self.flags.write().map_err(|_| poisoned())?.sampling = sampling;
+        Ok(())
+    }
+    /// The active adapter names, in order.
+    pub fn active_adapters(&self) -> Vec<String> {
+        self.flags.read().map(|f| f.active.clone()).unwrap_or_default()
+    }
+    /// Replaces the active adapters.
+    pub fn set_active_adapters(&self, names: Vec<String>) -> Result<()> {
+        self.flags.write().map_err(|_| poisoned())?.active = names;
+        Ok(())
+    }
+    /// True while adapters are disabled (`disable_adapter()` context in PEFT).
+    pub fn adapters_disabled(&self) -> bool {
+        self.flags.read().map(|f| f.disabled).unwrap_or(false)
+    }
+    /// Disables or re-enables all adapters.
+    pub fn set_adapters_disabled(&self, disabled: bool) -> Result<()> {
+        self.flags.write().map_err(|_| poisoned())?.disabled = disabled;
+        Ok(())
+    }
+    /// Whether training forwards record KL terms (on by default).
+    pub fn collect_kl(&self) -> bool {
+        self.flags.read().map(|f| f.collect_kl).unwrap_or(true)
+    }
+    /// Turns KL collection on or off.
+    pub fn set_collect_kl(&self, on: bool) -> Result<()> {
+        self.flags.write().map_err(|_| poisoned())?.collect_kl = on;
+        Ok(())
+    }
+    /// The noise policy applied when adapters are created.
+    pub fn noise_policy(&self) -> NoisePolicy {
+        self.flags.read().map(|f| f.noise).unwrap_or_default()
+    }
+    /// Sets the noise policy; it takes effect for adapters created or re-seeded afterwards.
+    pub fn set_noise_policy(&self, policy: NoisePolicy) -> Result<()> {
+        self.flags.write().map_err(|_| poisoned())?.noise = policy;
+        Ok(())
+    }
+
+    /// Reseeds the global generator (dropout masks, noise of adapters without `generator_seed`).
+    pub fn manual_seed(&self, seed: u64) -> Result<()> {
+        self.global.lock().map_err(|_| poisoned())?.manual_seed(seed);
+        Ok(())
+    }
+
+    /// Runs `f` with the global generator.
+    pub fn with_global_generator<T>(&self, f: impl FnOnce(&mut TorchGenerator) -> T) -> Result<T> {
+        let mut g = self.global.lock().map_err(|_| poisoned())?;
+        Ok(f(&mut g))
+    }
+
+    /// Records one KL term.
+    pub(crate) fn push_kl(&self, term: KlTerm) -> Result<()> {
+        self.kl.lock().map_err(|_| poisoned())?.push(term);
+        Ok(())
+    }
+
+    /// Takes all KL terms recorded since the last drain.
+    pub fn drain_kl(&self) -> Result<Vec<KlTerm>> {
+        Ok(std::mem::take(&mut *self.kl.lock().map_err(|_| poisoned())?))
+    }
+
+    /// Drains the KL terms and returns their mean over layers and adapters (a differentiable
+    /// scalar), or `None` if none were recorded. This is the per-layer average of the paper's
+    /// `-0.5 * mean(1 + logvar - mu^2 - exp(logvar))`.
+    pub fn drain_kl_mean(&self) -> Result<Option<Tensor>> {
+        let terms = self.drain_kl()?;
+        if terms.is_empty() {
+            return Ok(None);
+        }
+        let n = terms.len() as f64;
+        let mut sum = terms[0].value.clone();
+        for t in &terms[1..] {
+            sum = (sum + &t.value)?;
+        }
+        Ok(Some((sum / n)?))
+    }
+}
