@@ -216,11 +216,11 @@ def compute_outputs(peft_model, case: dict, io: dict[str, torch.Tensor]) -> dict
 
         peft_model.base_model.merge_adapter()
         for path, layer in layers:
-            out[f"merged_weight.{path}"] = layer.get_base_layer().weight
+            out[f"merged_weight.{path}"] = layer.get_base_layer().weight.detach().clone()
         out["merged_output"] = peft_model(io["input"])
         peft_model.base_model.unmerge_adapter()
         for path, layer in layers:
-            out[f"unmerged_weight.{path}"] = layer.get_base_layer().weight
+            out[f"unmerged_weight.{path}"] = layer.get_base_layer().weight.detach().clone()
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
@@ -627,6 +627,13 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="write only these cases")
     args = ap.parse_args(argv)
 
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        print(
+            f"warning: CPU capability {cap}: torch's uniform/kaiming/randn kernels differ from the AVX2 ones the "
+            "committed fixtures were made with (see versions.json and docs torch-rng.md)",
+            file=sys.stderr,
+        )
     torch.set_num_threads(1)
     root: Path = args.out
     root.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import struct
 import subprocess
 import sys
@@ -252,6 +253,13 @@ def worker() -> dict:
     for n, mean, std in [(10, 0.5, 2.0), (15, -1.25, 0.75), (37, -1.25, 0.75), (1000, 3.0, 0.1)]:
         case(f"normal_f64 n={n} mean={mean} std={std}", 3, [{"op": "normal_f64", "n": n, "mean": mean, "std": std}])
 
+    # scalar path (n < 16) with an inexact `z * std + mean`: pins whether it is fused
+    for s in range(10, 18):
+        case(f"normal_f64 seed={s} n=15 mean=1/3 std=0.1", s,
+             [{"op": "normal_f64", "n": 15, "mean": 1 / 3, "std": 0.1}])
+        case(f"normal_f32 seed={s} n=15 mean=1/3 std=0.1", s,
+             [{"op": "normal_f32", "n": 15, "mean": 1 / 3, "std": 0.1}])
+
     # --- uniform_ ----------------------------------------------------------------
     u = case("uniform_f32 [1000,1001) 2^20 draws (clamp)", 0,
              [{"op": "uniform_f32", "n": 1 << 20, "from": 1000.0, "to": 1001.0}])
@@ -338,7 +346,9 @@ def main() -> None:
         },
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(doc, indent=1) + "\n"
+    # one line per integer list keeps the file small and diffs readable
+    text = re.sub(r"\[\s+([-0-9,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
+                  json.dumps(doc, indent=1)) + "\n"
     OUT.write_text(text)
     n_cases = sum(len(k["cases"]) for k in doc["kernels"].values())
     print(f"wrote {OUT} ({len(text)} bytes, {n_cases} cases, torch {doc['torch_version']}, "

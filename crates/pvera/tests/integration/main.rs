@@ -1,0 +1,4 @@
+//! The integration-test binary: PEFT parity on golden fixtures, adapter lifecycle, checkpoints.
+
+mod common;
+mod peft_parity;
