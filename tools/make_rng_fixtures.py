@@ -23,6 +23,8 @@ and records each operation's output plus the generator state afterwards:
   * `out`: `{"dtype", "numel", "sha256"}` (sha256 over the little-endian
     bytes) plus either all bit patterns (`bits`, numel <= 64) or the first and
     last 8 (`head`, `tail`).  f32 bits are u32 integers, f64/u64 are u64.
+  * `<param>_bits`: the f64 bit pattern of each float parameter (`from`,
+    `to`, `mean`, `std`, `p`), so readers need not parse decimals exactly.
   * `state_after`: sha256 of `Generator.get_state()` (5056 bytes) and the
     decoded `left`, `next` and cached normal samples (bit patterns or null).
 
@@ -172,7 +174,10 @@ def worker() -> dict:
             rec = enc(t, "f32")
         else:
             raise ValueError(kind)
-        return {**op, "out": rec, **extra}, t
+        # exact float parameters (JSON readers may round decimal text differently)
+        params = {f"{k}_bits": struct.unpack("<Q", struct.pack("<d", float(op[k])))[0]
+                  for k in ("from", "to", "mean", "std", "p") if k in op}
+        return {**op, **params, "out": rec, **extra}, t
 
     cases: list[dict] = []
 

@@ -2,3 +2,4 @@
 
 mod common;
 mod peft_parity;
+mod lifecycle;
