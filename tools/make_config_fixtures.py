@@ -13,9 +13,10 @@ OUT_DIR defaults to `crates/pvera/tests/fixtures/configs`. Everything here is wr
 * `<name>.json`: a few real `adapter_config.json` files, copied verbatim.
 * `all_written_configs.json`: `{name: exact file text}` for every combination below (the Rust tests
   re-serialise each one and require byte equality).
-* `matching_cases.json`: `check_target_module_exists(config, key)` decisions for many (config, key) pairs.
+* `matching_cases.json`: `check_target_module_exists(config, key)` decisions for many (config, key) pairs,
+  and Python `re` fullmatch/match decisions (or compile errors) for the regex translation.
 * `compression_cases.json`: `_find_minimal_target_modules` and the >= 20 targets rule of `inject_adapter`.
-* `default_targets.json`: `TRANSFORMERS_MODELS_TO_PVERA_TARGET_MODULES_MAPPING`.
+* `default_targets.json`: `TRANSFORMERS_MODELS_TO_PVERA_TARGET_MODULES_MAPPING` as `[name, targets]` pairs, in order.
 
 Sets are written in hash order; the script re-executes itself with PYTHONHASHSEED=0 so that the output is
 reproducible.
@@ -23,6 +24,7 @@ reproducible.
 
 import json
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -225,7 +227,43 @@ for kwargs in MATCH_CONFIGS:
     if isinstance(as_json["target_modules"], list):
         as_json["target_modules"] = sorted(set(as_json["target_modules"]))
     cases.append({"config": as_json, "matched": [k for k, d in zip(KEYS, decisions) if d]})
-dump("matching_cases.json", {"peft_version": peft.__version__, "keys": KEYS, "cases": cases})
+
+# Python `re` itself, for the regex translation: fullmatch / match decisions, or the compile error.
+REGEX_PATTERNS = [
+    "a{", "a{}", "a{,2}", "a{2,}", "a{1,2}?", "x{2}", "{", "}", "]", "a]", "[]a]", "[^]a]", "[a-]", "[-a]",
+    "[[]", "[a[]b]", "[a&&b]+", "[a--b]+", "[a~~b]+", r"[\d.]+", r"[^\d]+", r"\d+", r"\D+", r"a\Z", r"\Aab",
+    "(?i)AB", "(?i:A)b", "(?s)a.b", "(?m)^a", "a|b|", "(a)(?P<n>b)", "(?P<n>a)(?P=n)", "(?=a)a", "(?<=a)b",
+    "(?<n>a)", "a**", "a*+", "(?>a)", r"\1", r"(a)\1", r"\x41", r"\u0041", r"\101", r"\0", r"[\101-\103]+",
+    r"\q", r"[\q]", r"[\A]", r"\<a\>", "<a>", "a#b", "a b", r"\-", r"\.", r"[\b]", r"a\b", r"\ba\b",
+    "(?x)a b", r"(?a)\w", "(?u)a", "a(?#comment)b", "(?i)(?s)a.b", "a(?i)b", "*a", "a|*", "^*", "()", "(|a)",
+    "[z-a]", r"[\d-z]", "a{3,1}", r"\N{LATIN SMALL LETTER A}", r"[\w-]+", r"[\w-a]", "\u0663", "[\u0660-\u0669]+",
+    "\u00e9", "(?i)\u00c9", r"\s+", r"\w+", ".", ".*", "a.b", "a??b", "a???", "a{2}{3}", "(?:a*)*", "a{1}?",
+    "(a|ab)(c|bcd)", "a)", "(a", "[a", "a\\", "\\", r"[\]]", r"[\\]", "[.]", "(?i-s:a.b)", "(?-i)a",
+    "(?i)", "a{,}", "a{ 1}", "a{1,2", "[^a-c]+", r"\W+", "[a-c-e]+", "(?P<1>a)", "(?P<_x>a)", "\u00e9+",
+    "a{99999999999}", "(((a)))", ".*\\.q_proj", "[^.]+", "x*y*z*",
+]
+REGEX_STRINGS = [
+    "", "a", "b", "ab", "AB", "aa", "aaa", "a{", "a{}", "{", "}", "]", "a]", "[", "-", "&", "~", "a\nb", "A",
+    "0", "12", "\u0663", "\U0001d7d9", "x.y", "model.layers.1.q_proj", "a b", "a#b", "\u00e9", "\u00c9", "<a>",
+    "\b", "abc", "aac", "a.c", "a{1}", "aab", "abcd", "abbcd", "acd", "ba", "\\", "a\\", " ", "\t", "_",
+    "xxyz", "A.B", "d", "a-", "-a",
+]
+regex_cases = []
+for pat in REGEX_PATTERNS:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = re.compile(pat)
+    except (re.error, OverflowError, ValueError) as exc:
+        regex_cases.append({"pattern": pat, "error": str(exc)})
+        continue
+    regex_cases.append({
+        "pattern": pat,
+        "fullmatch": [s for s in REGEX_STRINGS if compiled.fullmatch(s)],
+        "match": [s for s in REGEX_STRINGS if compiled.match(s)],
+    })
+dump("matching_cases.json", {"peft_version": peft.__version__, "keys": KEYS, "cases": cases,
+                             "regex_strings": REGEX_STRINGS, "regex_cases": regex_cases})
 
 # --------------------------------------------------------------------------------------------------
 # 3. target compression
@@ -268,10 +306,11 @@ for name, targets, all_keys in COMPRESSION:
         "targets": targets,
         "all_keys": all_keys,
         "minimal": minimal,
+        "minimal_no_others": sorted(_find_minimal_target_modules(targets, [])) if targets else None,
         "inject": inject_rule(targets, all_keys),
     })
 dump("compression_cases.json", {"peft_version": peft.__version__, "cases": comp_cases})
 
 dump("default_targets.json", {"peft_version": peft.__version__,
-                              "mapping": TRANSFORMERS_MODELS_TO_PVERA_TARGET_MODULES_MAPPING})
+                              "mapping": [[k, v] for k, v in TRANSFORMERS_MODELS_TO_PVERA_TARGET_MODULES_MAPPING.items()]})
 print(f"wrote fixtures to {OUT}")

@@ -154,3 +154,30 @@ pub fn tol(dtype: DType) -> f32 {
         _ => 0.0,
     }
 }
+
+/// Largest violation of `|a - b| <= atol + rtol * |b|` (0 when all close) and the max abs diff.
+pub fn excess(a: &Tensor, b: &Tensor, atol: f32, rtol: f32) -> (f32, f32) {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut worst = 0f32;
+    let mut maxd = 0f32;
+    for (x, y) in a.iter().zip(&b) {
+        let d = if x == y { 0.0 } else { (x - y).abs() };
+        maxd = maxd.max(d);
+        worst = worst.max(d - (atol + rtol * y.abs()));
+    }
+    (worst.max(0.0), maxd)
+}
+
+/// Model outputs compared with PyTorch's: absolute `tol(dtype)` plus a relative part of one
+/// part in 10^6 (f32 GEMMs sum in another order than MKL; a few ulp at |y| ~ 8).
+pub fn output_mismatch(a: &Tensor, b: &Tensor, dtype: DType) -> Option<String> {
+    let rtol = match dtype {
+        DType::F32 => 1e-6,
+        DType::F16 => 1e-3,
+        _ => 8e-3,
+    };
+    let (ex, maxd) = excess(a, b, tol(dtype), rtol);
+    (ex > 0.0).then(|| format!("max abs diff {maxd} exceeds {} + {rtol}*|y|", tol(dtype)))
+}

@@ -3,3 +3,4 @@
 mod common;
 mod peft_parity;
 mod lifecycle;
+mod bad_input;

@@ -61,7 +61,6 @@ fn eval_outputs_match_peft() {
             continue; // eval samples there; covered by the sampling test
         }
         let pm = load_case_model(&case);
-        let tol = tol(case.dtype());
         for (input, key) in [("input", "eval_output"), ("input_b1", "eval_output_b1")] {
             if !case.has(key) {
                 continue;
@@ -70,9 +69,8 @@ fn eval_outputs_match_peft() {
             if y.dtype() != case.dtype() {
                 failures.push(format!("{name}: output dtype {:?}, expected {:?}", y.dtype(), case.dtype()));
             }
-            let d = max_abs_diff(&y, case.t(key));
-            if d > tol {
-                failures.push(format!("{name}: {key} max abs diff {d} > {tol}"));
+            if let Some(m) = output_mismatch(&y, case.t(key), case.dtype()) {
+                failures.push(format!("{name}: {key} {m}"));
             }
         }
     }
