@@ -38,7 +38,30 @@ pub struct ModelInfo {
     pub classifier: Option<String>,
     /// The class name PEFT records in `auto_mapping.base_model_class` when `task_type` is null.
     pub class_name: String,
+    /// Prefixes under which transformers' task classes hold this base model (`bert`, `model`,
+    /// ...): adapters trained on a task class name modules `<prefix>.<path>`.
+    pub task_prefixes: Vec<String>,
+    /// Other module naming schemes of the same model (e.g. transformers 5's `attention.q_proj`
+    /// for checkpoints' `attention.attention.query`).
+    pub alt_schemes: Vec<AltScheme>,
 }
+
+/// A second module naming scheme: maps a site path (the checkpoint's scheme) to the other
+/// scheme's name, `None` when the module has no other name.
+#[derive(Clone, Copy, Debug)]
+pub struct AltScheme {
+    /// Short name, e.g. `transformers-v5`.
+    pub name: &'static str,
+    /// Site path -> path in this scheme.
+    pub map: fn(&str) -> Option<String>,
+}
+
+impl PartialEq for AltScheme {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+impl Eq for AltScheme {}
 
 #[derive(Debug, Default)]
 struct RegistryInner {
@@ -91,6 +114,9 @@ impl Registry {
 #[derive(Clone)]
 pub struct Builder<'a> {
     vb: VarBuilder<'a>,
+    /// Module path (may differ from the weight-name prefix when the weights carry a task
+    /// prefix such as `bert.`).
+    path: String,
     inner: Arc<Mutex<RegistryInner>>,
     state: Arc<RunState>,
 }
@@ -102,7 +128,14 @@ fn poisoned() -> Error {
 impl<'a> Builder<'a> {
     /// Wraps a candle `VarBuilder` (its dtype and device are the model's).
     pub fn new(vb: VarBuilder<'a>, state: Arc<RunState>) -> Self {
-        Self { vb, inner: Arc::new(Mutex::new(RegistryInner::default())), state }
+        let path = vb.prefix();
+        Self { vb, path, inner: Arc::new(Mutex::new(RegistryInner::default())), state }
+    }
+
+    /// Like [`Builder::new`], but module paths start at the root even when `vb` reads weights
+    /// under a prefix (task checkpoints: weights `bert.encoder...`, modules `encoder...`).
+    pub fn new_rooted(vb: VarBuilder<'a>, state: Arc<RunState>) -> Self {
+        Self { vb, path: String::new(), inner: Arc::new(Mutex::new(RegistryInner::default())), state }
     }
 
     /// Builder over safetensors bytes already in memory.
@@ -128,11 +161,13 @@ impl<'a> Builder<'a> {
 
     /// A builder one module deeper (`vb.pp("encoder")`).
     pub fn pp(&self, name: impl ToString) -> Self {
-        Self { vb: self.vb.pp(name), inner: self.inner.clone(), state: self.state.clone() }
+        let name = name.to_string();
+        let path = if self.path.is_empty() { name.clone() } else { format!("{}.{name}", self.path) };
+        Self { vb: self.vb.pp(name), path, inner: self.inner.clone(), state: self.state.clone() }
     }
     /// The current module path.
     pub fn prefix(&self) -> String {
-        self.vb.prefix()
+        self.path.clone()
     }
     /// The device.
     pub fn device(&self) -> &Device {
@@ -152,8 +187,7 @@ impl<'a> Builder<'a> {
     }
 
     fn full_name(&self, name: &str) -> String {
-        let p = self.vb.prefix();
-        if p.is_empty() { name.to_string() } else { format!("{p}.{name}") }
+        if self.path.is_empty() { name.to_string() } else { format!("{}.{name}", self.path) }
     }
 
     /// A base tensor (frozen), recorded in the registry.

@@ -292,3 +292,54 @@ fn peft_files_round_trip_through_rust_bit_for_bit() {
     }
     report(failures);
 }
+
+/// Prints the parity figures per case (run with `--nocapture`) and bounds the worst of them.
+#[test]
+fn parity_summary() {
+    let mut rows = Vec::new();
+    let (mut worst_eval, mut worst_sampled, mut exact_params, mut total_params) = (0f32, 0f32, 0usize, 0usize);
+    for name in peft_cases() {
+        let case = Case::load(&name);
+        let pm = load_case_model(&case);
+        let mut eval = f32::NAN;
+        let mut sampled = f32::NAN;
+        if !case.meta["sampling"].is_null() {
+            let s = &case.meta["sampling"];
+            if s["mode"] == "train" {
+                pm.train().unwrap();
+            } else if !s["per_module"].is_null() {
+                pm.state().set_sampling(Sampling::Always).unwrap();
+            }
+            let mut m = 0f32;
+            for (call, y) in run_calls(&pm, &case, &s["calls"], &s["inputs"]) {
+                m = m.max(max_abs_diff(&y, case.t(&call)));
+            }
+            sampled = m;
+            worst_sampled = worst_sampled.max(m);
+            pm.eval().unwrap();
+            pm.state().set_sampling(Sampling::Never).unwrap();
+        }
+        if case.has("eval_output") {
+            eval = max_abs_diff(&pm.model().forward(case.t("input")).unwrap(), case.t("eval_output"));
+            if case.dtype() == DType::F32 {
+                worst_eval = worst_eval.max(eval);
+            }
+        }
+        let first = &case.adapters()[0].0;
+        let p = &pm.adapter(first).unwrap().projections;
+        for (k, t) in [("pvera_A", p.a()), ("pvera_B", p.b())] {
+            total_params += t.elem_count();
+            if bits_equal(t, case.t(k)) {
+                exact_params += t.elem_count();
+            }
+        }
+        rows.push(format!("{name:<24} {:<9} eval {eval:>10.3e}  sampled {sampled:>10.3e}", format!("{:?}", case.dtype())));
+    }
+    eprintln!("case                     dtype     max |rust - peft|");
+    for r in &rows {
+        eprintln!("{r}");
+    }
+    eprintln!("projection elements bit-exact: {exact_params}/{total_params}; worst f32 eval {worst_eval:.3e}; worst sampled {worst_sampled:.3e}");
+    assert_eq!(exact_params, total_params);
+    assert!(worst_eval < 1e-5 && worst_sampled < 1e-5);
+}

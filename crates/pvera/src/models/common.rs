@@ -1,0 +1,145 @@
+//! Building blocks shared by the model families, with gradients that flow.
+//!
+//! candle's fused `layer_norm`, `rms_norm` and `softmax_last_dim` have no backward pass (see
+//! `ARCHITECTURE.md`), so these blocks are composites of differentiable ops. Norms compute in f32
+//! and return the input dtype, as transformers does.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::Result;
+use crate::inject::Builder;
+
+/// `nn.LayerNorm` (weight, bias, eps).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Reads `weight` and `bias` (size `dim`) at the builder's path.
+    pub fn new(dim: usize, eps: f64, vb: &Builder<'_>) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, bias: Some(vb.get(dim, "bias")?), eps })
+    }
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let mean = xf.mean_keepdim(D::Minus1)?;
+        let xc = xf.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = y.broadcast_mul(&self.weight.to_dtype(DType::F32)?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+            None => y,
+        };
+        Ok(y.to_dtype(dtype)?)
+    }
+}
+
+/// LLaMA's `RMSNorm`: `weight * (x / sqrt(mean(x²) + eps))`, computed in f32, cast back before
+/// the weight as `LlamaRMSNorm` does.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// Reads `weight` (size `dim`).
+    pub fn new(dim: usize, eps: f64, vb: &Builder<'_>) -> Result<Self> {
+        Ok(Self { weight: vb.get(dim, "weight")?, eps })
+    }
+    /// Normalises over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xf.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        Ok(y.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// `nn.Embedding`.
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    weight: Tensor,
+    dim: usize,
+}
+
+impl Embedding {
+    /// Reads `weight` (`n` x `dim`).
+    pub fn new(n: usize, dim: usize, vb: &Builder<'_>) -> Result<Self> {
+        Ok(Self { weight: vb.get((n, dim), "weight")?, dim })
+    }
+    /// The table.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+    /// Looks up ids of any shape; appends the embedding dimension.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut shape = ids.dims().to_vec();
+        shape.push(self.dim);
+        let flat = ids.flatten_all()?;
+        Ok(self.weight.index_select(&flat, 0)?.reshape(shape)?)
+    }
+}
+
+/// Activation functions by their transformers `hidden_act` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu`: exact, erf-based.
+    GeluErf,
+    /// `gelu_new` / `gelu_pytorch_tanh` / `gelu_fast`: tanh approximation.
+    GeluTanh,
+    /// `relu`.
+    Relu,
+    /// `silu` / `swish`.
+    Silu,
+}
+
+impl Activation {
+    /// Parses a `hidden_act` string.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu" => Activation::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            "silu" | "swish" => Activation::Silu,
+            _ => return None,
+        })
+    }
+    /// Applies the activation.
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::GeluErf => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::Relu => x.relu()?,
+            Activation::Silu => x.silu()?,
+        })
+    }
+}
+
+/// Softmax over the last dimension, with a backward pass (computed in f32).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let max = xf.max_keepdim(D::Minus1)?.detach();
+    let e = xf.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?.to_dtype(dtype)?)
+}
+
+/// `softmax(q kᵀ · scale + mask) v` for (batch, heads, seq, head_dim) tensors. `mask` is added to
+/// the scores (0 to keep, a large negative value to drop) and broadcast.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
+        None => scores,
+    };
+    let p = softmax_last_dim(&scores)?;
+    Ok(p.matmul(&v.contiguous()?)?)
+}
