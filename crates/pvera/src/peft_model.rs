@@ -141,6 +141,11 @@ impl<M> PeftModel<M> {
         Ok(pm)
     }
 
+    /// A model without adapters yet (add or load them later); its forward is the base model's.
+    pub fn from_parts(model: M, registry: Registry, info: ModelInfo) -> Self {
+        Self::bare(model, registry, info)
+    }
+
     fn bare(model: M, registry: Registry, info: ModelInfo) -> Self {
         let _ = registry.state().set_active_adapters(Vec::new());
         Self {
