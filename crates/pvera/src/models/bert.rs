@@ -252,8 +252,12 @@ impl BertLayer {
 }
 
 /// `BertModel` / `RobertaModel` (encoder, optional pooler) with transformers module names.
+/// Cheap to clone: clones share the layers (and their adapters), as the registry does.
 #[derive(Clone, Debug)]
-pub struct BertModel {
+pub struct BertModel(Arc<BertInner>);
+
+#[derive(Debug)]
+struct BertInner {
     config: BertConfig,
     embeddings: BertEmbeddings,
     layers: Vec<BertLayer>,
@@ -308,7 +312,14 @@ impl BertModel {
         } else {
             None
         };
-        Ok(Self { config, embeddings, layers, pooler, dtype: vb.dtype(), device: vb.device().clone() })
+        Ok(Self(Arc::new(BertInner {
+            config,
+            embeddings,
+            layers,
+            pooler,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })))
     }
 
     /// Facts PEFT reads from the model: model type (`bert` / `roberta`, PEFT's default targets
@@ -328,19 +339,20 @@ impl BertModel {
 
     /// The parsed config.
     pub fn config(&self) -> &BertConfig {
-        &self.config
+        &self.0.config
     }
 
     /// Whether the model has a pooler.
     pub fn has_pooler(&self) -> bool {
-        self.pooler.is_some()
+        self.0.pooler.is_some()
     }
 
     /// Forward pass: `input_ids` (required), `attention_mask` and `token_type_ids` (optional),
     /// each (batch, seq). Returns `last_hidden_state` (batch, seq, hidden) and, with a pooler,
     /// `pooler_output` (batch, hidden), in the model dtype.
     pub fn forward(&self, inputs: &ModelInputs) -> Result<ModelOutputs> {
-        let cfg = &self.config;
+        let me = &*self.0;
+        let cfg = &me.config;
         let ids_t = inputs.input_ids.as_ref().ok_or_else(|| {
             Error::Model("BertModel.forward: `input_ids` (batch, seq) is required".into())
         })?;
@@ -391,7 +403,7 @@ impl BertModel {
             }
         }
 
-        let dev = &self.device;
+        let dev = &me.device;
         let ids_d = Tensor::from_vec(ids, (b, s), dev)?;
         let tt_d = Tensor::from_vec(token_types, (b, s), dev)?;
         let pos_d = Tensor::from_vec(positions, (b, s), dev)?;
@@ -399,16 +411,16 @@ impl BertModel {
         let mask = match &inputs.attention_mask {
             Some(m) => {
                 check_same_shape(m, "attention_mask", (b, s))?;
-                Some(self.extended_mask(m, b, s)?)
+                Some(me.extended_mask(m, b, s)?)
             }
             None => None,
         };
 
-        let mut h = self.embeddings.forward(&ids_d, &tt_d, &pos_d)?;
-        for layer in &self.layers {
+        let mut h = me.embeddings.forward(&ids_d, &tt_d, &pos_d)?;
+        for layer in &me.layers {
             h = layer.forward(&h, mask.as_ref())?;
         }
-        let pooler_output = match &self.pooler {
+        let pooler_output = match &me.pooler {
             Some(p) => {
                 let first = h.narrow(1, 0, 1)?.squeeze(1)?;
                 Some(p.forward(&first)?.tanh()?)
@@ -417,7 +429,9 @@ impl BertModel {
         };
         Ok(ModelOutputs { last_hidden_state: h, logits: None, pooler_output })
     }
+}
 
+impl BertInner {
     /// transformers' eager bidirectional mask: (batch, 1, 1, seq) in the model dtype, 0 where
     /// `attention_mask` is non-zero and `finfo(dtype).min` where it is zero.
     fn extended_mask(&self, m: &Tensor, b: usize, s: usize) -> Result<Tensor> {
@@ -430,6 +444,7 @@ impl BertModel {
         Ok(Tensor::from_vec(add, (b, 1, 1, s), &self.device)?.to_dtype(self.dtype)?)
     }
 }
+
 
 /// `torch.finfo(dtype).min`, as an f32 that converts to it exactly.
 fn dtype_min(dtype: DType) -> f32 {

@@ -362,9 +362,28 @@ fn task_class_checkpoint_and_seq_cls_adapter_load_into_the_base_model() {
         warnings.iter().any(|w| w.contains("classifier")),
         "expected a warning about the unused classifier, got {warnings:?}"
     );
+    assert!(
+        warnings.iter().any(|w| w.contains("ignored") && w.contains("base_model.model.classifier.weight")),
+        "expected the classifier tensors to be reported as unused, got {warnings:?}"
+    );
     compare(&case, "eval", None, &fwd(&pm, &inputs), DType::F32, &mut failures);
     pm.merge_adapter(None, true).unwrap();
     compare(&case, "merged", None, &fwd(&pm, &inputs), DType::F32, &mut failures);
+    pm.unmerge_adapter().unwrap();
+
+    // Saved back, the λ's keep the task class's names (PEFT can load them into the task class).
+    let tmp = tempfile::tempdir().unwrap();
+    pm.save_pretrained(tmp.path(), None).unwrap();
+    let (saved, _) = checkpoint::read_safetensors(&tmp.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let (orig, _) =
+        checkpoint::read_safetensors(&case.dir.join("adapter/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    for (k, v) in &orig {
+        if k.contains("pvera_lambda") {
+            let s = saved.get(k).unwrap_or_else(|| panic!("saved adapter lacks {k}; has {:?}", saved.keys()));
+            assert_eq!(max_diff(&s.tensor, &v.tensor), 0.0, "{k}");
+        }
+    }
+    assert!(saved.keys().all(|k| !k.starts_with("base_model.model.encoder")), "{:?}", saved.keys());
     report(failures);
 }
 
