@@ -498,6 +498,9 @@ fn write_minilm(dir: &Path) {
         v.iter_mut().for_each(|x| *x *= scale);
         map.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
     }
+    // transformers 4.x checkpoints also carry the (then persistent) position_ids buffer.
+    let pos: Vec<i64> = (0..512).collect();
+    map.insert("embeddings.position_ids".into(), Tensor::from_vec(pos, (1, 512), &Device::Cpu).unwrap());
     candle_core::safetensors::save(&map, dir.join("model.safetensors")).unwrap();
 }
 
@@ -623,4 +626,26 @@ fn bad_configs_and_checkpoints_are_refused_clearly() {
     assert!(e.contains("intermediate.dense.weight"), "{e}");
     let e = try_cfg(&|c| c["num_hidden_layers"] = 3.into());
     assert!(e.contains("encoder.layer.2"), "{e}");
+}
+
+#[test]
+fn gradients_reach_every_lambda_through_the_encoder_and_pooler() {
+    let case = BertCase::load("bert_tiny");
+    let (m, reg, info) = case.model(None);
+    let mut pm =
+        PeftModel::from_pretrained(m, reg, info, &case.dir.join("adapter_all_linear"), "default", true).unwrap();
+    let _ = pm.take_warnings();
+    pm.train().unwrap();
+    let out = pm.model().forward(&case.inputs()).unwrap();
+    let loss = (out.last_hidden_state.sqr().unwrap().mean_all().unwrap()
+        + out.pooler_output.unwrap().sum_all().unwrap())
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = pm.trainable_vars().unwrap();
+    assert_eq!(vars.len(), 2 * 13);
+    for v in &vars {
+        let g = grads.get(v.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", v.name));
+        let n = g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(n.is_finite() && n > 0.0, "{}: gradient norm {n}", v.name);
+    }
 }
