@@ -117,9 +117,8 @@ pub fn load_peft(
     if !names.is_empty() {
         pm.set_adapter(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
-    for w in pm.take_warnings() {
-        eprintln!("warning: {w}");
-    }
+    // The library already logged them through `tracing` (shown at the default `--log warn`).
+    let _ = pm.take_warnings();
     Ok((pm, dir))
 }
 

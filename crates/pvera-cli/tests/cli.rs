@@ -107,3 +107,98 @@ fn bad_input_maps_to_distinct_exit_codes() {
     let (code, _, _) = pvera(&["inspect"]);
     assert_eq!(code, 2);
 }
+
+fn model_case(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pvera/tests/fixtures/models").join(case)
+}
+
+/// Writes the text inputs of a model fixture to a standalone inputs file.
+fn text_inputs(case: &Path, dir: &Path) -> PathBuf {
+    let (io, _) = checkpoint::read_safetensors(&case.join("io.safetensors"), &Device::Cpu).unwrap();
+    let mut ts = BTreeMap::new();
+    for k in ["input_ids", "attention_mask", "token_type_ids"] {
+        if let Some(t) = io.get(k) {
+            ts.insert(k.to_string(), t.tensor.clone());
+        }
+    }
+    let p = dir.join("inputs.safetensors");
+    std::fs::write(&p, checkpoint::serialize_safetensors(&ts, None).unwrap()).unwrap();
+    p
+}
+
+fn read_out(p: &Path) -> BTreeMap<String, Tensor> {
+    checkpoint::read_safetensors(p, &Device::Cpu).unwrap().0.into_iter().map(|(k, v)| (k, v.tensor)).collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let a: Vec<f32> = a.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn infer_reproduces_transformers_and_peft_and_merge_writes_a_loadable_model() {
+    let case = model_case("bert_tiny");
+    let (io, _) = checkpoint::read_safetensors(&case.join("io.safetensors"), &Device::Cpu).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let inputs = text_inputs(&case, tmp.path());
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let model = s(&case.join("model"));
+    let adapter = s(&case.join("adapter"));
+    // Base model, adapter (mean path), adapter merged.
+    for (extra, want) in [
+        (vec![], "base.last_hidden_state"),
+        (vec!["--adapter", adapter.as_str()], "eval.last_hidden_state"),
+        (vec!["--adapter", adapter.as_str(), "--merge"], "merged.last_hidden_state"),
+    ] {
+        let out = tmp.path().join("out.safetensors");
+        let mut args = vec!["infer", "--model", model.as_str(), "--inputs", inputs.to_str().unwrap(), "--output", out.to_str().unwrap()];
+        args.extend(extra.iter().copied());
+        let (code, _, err) = pvera(&args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        let got = read_out(&out);
+        let d = max_diff(&got["last_hidden_state"], &io[want].tensor);
+        assert!(d < 1e-5, "{want}: max abs diff {d}");
+        assert!(got.contains_key("pooler_output"));
+    }
+    // pvera merge writes a model dir that infers like the unmerged adapter.
+    let merged = tmp.path().join("merged");
+    let (code, _, err) = pvera(&["merge", "--model", &model, "--adapter", &adapter, "--output", merged.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(merged.join("config.json").is_file());
+    let out = tmp.path().join("out_merged.safetensors");
+    let (code, _, err) = pvera(&["infer", "--model", merged.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let d = max_diff(&read_out(&out)["last_hidden_state"], &io["eval.last_hidden_state"].tensor);
+    assert!(d < 1e-5, "merged model dir: max abs diff {d}");
+}
+
+#[test]
+fn infer_names_the_bad_input_tensor() {
+    let case = model_case("bert_tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let model = case.join("model");
+    let run = |ts: BTreeMap<String, Tensor>| {
+        let p = tmp.path().join("bad.safetensors");
+        std::fs::write(&p, checkpoint::serialize_safetensors(&ts, None).unwrap()).unwrap();
+        pvera(&["infer", "--model", model.to_str().unwrap(), "--inputs", p.to_str().unwrap(), "--output", tmp.path().join("o.safetensors").to_str().unwrap()])
+    };
+    let ids = Tensor::zeros((2, 4), candle_core::DType::I64, &Device::Cpu).unwrap();
+    let (code, _, err) = run(BTreeMap::from([("inputs_ids".to_string(), ids.clone())]));
+    assert_eq!(code, 7, "{err}");
+    assert!(err.contains("inputs_ids"), "{err}");
+    let (code, _, err) = run(BTreeMap::from([("input_ids".to_string(), ids.to_dtype(candle_core::DType::F32).unwrap())]));
+    assert_eq!(code, 7, "{err}");
+    assert!(err.contains("dtype"), "{err}");
+    let (code, _, err) = run(BTreeMap::from([
+        ("input_ids".to_string(), ids.clone()),
+        ("attention_mask".to_string(), Tensor::zeros((2, 5), candle_core::DType::I64, &Device::Cpu).unwrap()),
+    ]));
+    assert_eq!(code, 7, "{err}");
+    assert!(err.contains("attention_mask"), "{err}");
+    // A model directory without config.json.
+    let (code, _, err) = pvera(&["infer", "--model", tmp.path().to_str().unwrap(), "--inputs", "x", "--output", "y"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("config.json"), "{err}");
+}
