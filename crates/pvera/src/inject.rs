@@ -80,6 +80,13 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Adds the sites and parameters of a second registry (e.g. a task head built with its own
+    /// builder over the same run state).
+    pub fn extend(&mut self, other: Registry) {
+        self.sites.extend(other.sites);
+        self.params.extend(other.params);
+    }
+
     /// All linear sites in construction order.
     pub fn sites(&self) -> &[Linear] {
         &self.sites
@@ -210,6 +217,43 @@ impl<'a> Builder<'a> {
     /// A GPT-2 `Conv1D` at the current path: weight (in, out), bias (out).
     pub fn conv1d(&self, in_features: usize, out_features: usize, bias: bool) -> Result<Linear> {
         self.site(in_features, out_features, bias, LinearKind::Conv1D)
+    }
+
+    /// A linear layer that is not in the weights: a new task head. When the weights do contain
+    /// `weight` (and `bias`) at this path they are used; otherwise they are initialised as
+    /// `torch.nn.Linear` does (`kaiming_uniform_(a=sqrt(5))`, i.e. U(-1/sqrt(in), 1/sqrt(in)) for
+    /// the weight, the same bound for the bias) from `generator`.
+    pub fn linear_or_init(
+        &self,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        generator: &mut crate::rng::TorchGenerator,
+    ) -> Result<Linear> {
+        if self.vb.contains_tensor("weight") {
+            return self.linear(in_features, out_features, bias);
+        }
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let mut w = vec![0f32; in_features * out_features];
+        generator.uniform_f32(&mut w, -bound, bound);
+        let w = Tensor::from_vec(w, (out_features, in_features), self.vb.device())?.to_dtype(self.vb.dtype())?;
+        let b = if bias {
+            let mut b = vec![0f32; out_features];
+            generator.uniform_f32(&mut b, -bound, bound);
+            Some(Tensor::from_vec(b, out_features, self.vb.device())?.to_dtype(self.vb.dtype())?)
+        } else {
+            None
+        };
+        {
+            let mut g = self.inner.lock().map_err(|_| poisoned())?;
+            g.params.push(ParamInfo { name: self.full_name("weight"), shape: vec![out_features, in_features] });
+            if bias {
+                g.params.push(ParamInfo { name: self.full_name("bias"), shape: vec![out_features] });
+            }
+        }
+        let lin = Linear::new(self.prefix(), w, b, LinearKind::Linear, self.state.clone())?;
+        self.inner.lock().map_err(|_| poisoned())?.sites.push(lin.clone());
+        Ok(lin)
     }
 
     fn site(&self, in_f: usize, out_f: usize, bias: bool, kind: LinearKind) -> Result<Linear> {

@@ -233,6 +233,10 @@ impl<M> PeftModel<M> {
 
     /// A site path in a naming form (`None` when the form does not apply to it).
     pub fn form_name(&self, form: &NameForm, path: &str) -> Option<String> {
+        // A task head sits at the root in every form (`classifier`, not `bert.classifier`).
+        if self.info.classifier.as_deref() == Some(path) {
+            return Some(path.to_string());
+        }
         let mut p = match &form.strip_prefix {
             Some(pre) => path.strip_prefix(pre.as_str())?.strip_prefix('.')?.to_string(),
             None => path.to_string(),

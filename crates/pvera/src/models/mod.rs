@@ -20,6 +20,7 @@ pub mod bert;
 pub mod common;
 pub mod dinov2;
 pub mod gpt2;
+pub mod heads;
 pub mod llama;
 pub mod loader;
 pub mod mlp;
