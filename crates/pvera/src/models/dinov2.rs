@@ -126,8 +126,9 @@ fn cubic2(x: f32) -> f32 {
     u * x - 4.0 * CUBIC_A
 }
 
-/// For each output index: the four (clamped) source indices and their weights.
-fn cubic_taps(input: usize, output: usize) -> Vec<([usize; 4], [f32; 4])> {
+/// For each output index: the four (clamped) source indices and their weights (computed in
+/// f32, then stored in the tensor's dtype as torch stores them: `round` rounds them to it).
+fn cubic_taps(input: usize, output: usize, round: fn(f32) -> f32) -> Vec<([usize; 4], [f32; 4])> {
     // area_pixel_compute_scale (no scale factor: input / output in f32), then
     // area_pixel_compute_source_index(cubic=true): scale * (i + 0.5) - 0.5, not clamped at 0.
     let scale = input as f32 / output as f32;
@@ -137,7 +138,7 @@ fn cubic_taps(input: usize, output: usize) -> Vec<([usize; 4], [f32; 4])> {
             // guard_index_and_lambda
             let idx = (real.floor() as i64).min(input as i64 - 1);
             let t = (real - idx as f32).clamp(0.0, 1.0);
-            let w = [cubic2(t + 1.0), cubic1(t), cubic1(1.0 - t), cubic2((1.0 - t) + 1.0)];
+            let w = [cubic2(t + 1.0), cubic1(t), cubic1(1.0 - t), cubic2((1.0 - t) + 1.0)].map(round);
             let mut ids = [0usize; 4];
             for (j, id) in ids.iter_mut().enumerate() {
                 *id = (idx - 1 + j as i64).clamp(0, input as i64 - 1) as usize;
@@ -159,9 +160,10 @@ fn dot4(v: [f32; 4], w: &[f32; 4]) -> f32 {
 /// `torch.nn.functional.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False)`
 /// for (N, C, H, W) tensors: A = -0.75, source indices clamped at the borders, no antialiasing.
 ///
-/// Computed in f32 on the host, as torch's CPU kernel computes it (bit-exact with torch 2.x on
-/// CPUs with FMA, i.e. its AVX2 / AVX-512 builds), and returned in `x`'s dtype and device
-/// (for f16 / bf16 inputs torch also computes in f32 and rounds once).
+/// Computed in f32 on the host as torch's CPU kernel computes it (bit-exact with torch 2.x on
+/// CPUs with FMA, i.e. its AVX2 / AVX-512 builds) and returned in `x`'s dtype and device. For
+/// f16 / bf16 inputs torch keeps the interpolation weights in that dtype and accumulates in
+/// f32; so does this (f64 inputs are computed in f32).
 pub fn interpolate_bicubic(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     if out_h == 0 || out_w == 0 || h == 0 || w == 0 {
@@ -173,8 +175,13 @@ pub fn interpolate_bicubic(x: &Tensor, out_h: usize, out_w: usize) -> Result<Ten
         return Ok(x.clone());
     }
     let src: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let ry = cubic_taps(h, out_h);
-    let rx = cubic_taps(w, out_w);
+    let round: fn(f32) -> f32 = match x.dtype() {
+        DType::BF16 => |v| half::bf16::from_f32(v).to_f32(),
+        DType::F16 => |v| half::f16::from_f32(v).to_f32(),
+        _ => |v| v,
+    };
+    let ry = cubic_taps(h, out_h, round);
+    let rx = cubic_taps(w, out_w, round);
     let mut out = vec![0f32; n * c * out_h * out_w];
     for (plane, dst) in src.chunks_exact(h * w).zip(out.chunks_exact_mut(out_h * out_w)) {
         for (oy, (iy, wy)) in ry.iter().enumerate() {
@@ -349,7 +356,8 @@ impl Dinov2Model {
         let cls = self.cls_token.broadcast_as((b, 1, hidden))?;
         let x = Tensor::cat(&[cls, patches], 1)?;
         let (rows, columns) = self.patch_embeddings.grid(h, w);
-        let pos = interpolate_pos_encoding(&self.position_embeddings, rows, columns, h, w)?;
+        // Dinov2Embeddings casts the grid to f32 for the resize and back
+        let pos = interpolate_pos_encoding(&self.position_embeddings, rows, columns, h, w, true)?;
         let mut x = x.broadcast_add(&pos)?;
         for layer in &self.layers {
             x = layer.forward(&x)?;
@@ -380,12 +388,12 @@ mod tests {
     #[test]
     fn cubic_weights_sum_to_one_and_identity_is_exact() {
         for (i, o) in [(4, 5), (37, 16), (5, 3), (7, 11)] {
-            for (_, w) in cubic_taps(i, o) {
+            for (_, w) in cubic_taps(i, o, |v| v) {
                 let s: f32 = w.iter().sum();
                 assert!((s - 1.0).abs() < 1e-5, "{w:?}");
             }
         }
-        for (ids, w) in cubic_taps(6, 6) {
+        for (ids, w) in cubic_taps(6, 6, |v| v) {
             assert_eq!(w, [0.0, 1.0, 0.0, 0.0]);
             assert!(ids[1] < 6);
         }

@@ -258,14 +258,17 @@ impl PatchEmbeddings {
 
 /// transformers' `interpolate_pos_encoding` (ViT and DINOv2 share the rule): the stored table
 /// (1, 1 + n², dim) as is when the patch count equals n² and the image is square, otherwise the
-/// n x n grid resized bicubically (`align_corners=False`, computed in f32, returned in the
-/// table's dtype) to `rows` x `columns` after the class position.
+/// n x n grid resized bicubically (`align_corners=False`) to `rows` x `columns` after the class
+/// position, in the table's dtype. `upcast`: resize in f32 and cast back (DINOv2) rather than
+/// in the table's dtype (ViT; matters for f16 / bf16 tables, whose interpolation weights torch
+/// rounds to that dtype).
 pub(crate) fn interpolate_pos_encoding(
     pos: &Tensor,
     rows: usize,
     columns: usize,
     height: usize,
     width: usize,
+    upcast: bool,
 ) -> Result<Tensor> {
     let (_, n1, dim) = pos.dims3()?;
     let num_positions = n1 - 1;
@@ -281,7 +284,11 @@ pub(crate) fn interpolate_pos_encoding(
     }
     let class = pos.narrow(1, 0, 1)?;
     let grid = pos.narrow(1, 1, num_positions)?.reshape((1, side, side, dim))?.permute((0, 3, 1, 2))?;
-    let resized = super::dinov2::interpolate_bicubic(&grid, rows, columns)?;
+    let resized = if upcast {
+        super::dinov2::interpolate_bicubic(&grid.to_dtype(DType::F32)?, rows, columns)?.to_dtype(pos.dtype())?
+    } else {
+        super::dinov2::interpolate_bicubic(&grid, rows, columns)?
+    };
     let resized = resized.permute((0, 2, 3, 1))?.reshape((1, rows * columns, dim))?;
     Ok(Tensor::cat(&[class, resized], 1)?)
 }
@@ -322,7 +329,11 @@ impl SelfAttention {
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let y = attention(&q, &k, &v, None, scale)?;
+        // transformers' default (SDPA) accumulates half-precision attention in f32 on the CPU
+        // and rounds once; do the same (f32 inputs are untouched).
+        let dtype = q.dtype();
+        let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+        let y = attention(&q, &k, &v, None, scale)?.to_dtype(dtype)?;
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b, s, self.heads * self.head_dim))?;
         self.output.forward(&y)
     }
@@ -506,7 +517,7 @@ impl VitModel {
             self.position_embeddings.clone()
         } else {
             let (rows, columns) = self.patch_embeddings.grid(h, w);
-            interpolate_pos_encoding(&self.position_embeddings, rows, columns, h, w)?
+            interpolate_pos_encoding(&self.position_embeddings, rows, columns, h, w, false)?
         };
         let mut x = x.broadcast_add(&pos)?;
         for layer in &self.layers {
