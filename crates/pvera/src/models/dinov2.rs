@@ -28,8 +28,8 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use super::common::{Activation, LayerNorm};
 use super::loader::{config_f64, ModelDir};
 use super::vit::{
-    attention_dims, config_activation, config_bool, config_pair, config_usize_or,
-    interpolate_pos_encoding, open_weights, PatchEmbeddings, SelfAttention,
+    attention_dims, config_activation, config_bool, config_pair, config_usize_or, interpolate_pos_encoding,
+    open_weights, PatchEmbeddings, SelfAttention,
 };
 use super::{ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
@@ -258,7 +258,12 @@ pub struct Dinov2Model {
 impl Dinov2Model {
     /// Builds the model from a model directory (`Dinov2Model`, `Dinov2ForImageClassification`
     /// or `Dinov2Backbone` weights, with or without the `dinov2.` prefix).
-    pub fn load(dir: &ModelDir, state: Arc<RunState>, dtype: Option<DType>, device: &Device) -> Result<(Self, Registry)> {
+    pub fn load(
+        dir: &ModelDir,
+        state: Arc<RunState>,
+        dtype: Option<DType>,
+        device: &Device,
+    ) -> Result<(Self, Registry)> {
         let (hidden, heads, head_dim) = attention_dims(dir)?;
         let layers_n = dir.usize_field("num_hidden_layers")?;
         let image_size = config_pair(dir, "image_size")?;
@@ -268,7 +273,8 @@ impl Dinov2Model {
         let qkv_bias = config_bool(dir, "qkv_bias", true)?;
         let swiglu = config_bool(dir, "use_swiglu_ffn", false)?;
         let mlp_ratio = config_f64(&dir.config, "mlp_ratio", 4.0);
-        let cfg_err = |reason: String| Error::ConfigParse { path: dir.path.join("config.json").display().to_string(), reason };
+        let cfg_err =
+            |reason: String| Error::ConfigParse { path: dir.path.join("config.json").display().to_string(), reason };
         if !(mlp_ratio.is_finite() && mlp_ratio > 0.0) {
             return Err(cfg_err(format!("\"mlp_ratio\" must be a positive number, got {mlp_ratio}")));
         }
@@ -309,7 +315,7 @@ impl Dinov2Model {
             let m = l.pp("mlp");
             let mlp = if swiglu {
                 // Dinov2SwiGLUFFN: two thirds of the MLP width, rounded up to a multiple of 8
-                let hf = ((mlp_hidden * 2 / 3) + 7) / 8 * 8;
+                let hf = (mlp_hidden * 2 / 3).div_ceil(8) * 8;
                 Mlp::SwiGlu {
                     weights_in: m.pp("weights_in").linear(hidden, 2 * hf, true)?,
                     weights_out: m.pp("weights_out").linear(hf, hidden, true)?,
@@ -374,10 +380,22 @@ mod tests {
 
     #[test]
     fn v5_names() {
-        assert_eq!(v5_name("encoder.layer.0.attention.attention.query").as_deref(), Some("encoder.layer.0.attention.q_proj"));
-        assert_eq!(v5_name("encoder.layer.2.attention.attention.key").as_deref(), Some("encoder.layer.2.attention.k_proj"));
-        assert_eq!(v5_name("encoder.layer.2.attention.attention.value").as_deref(), Some("encoder.layer.2.attention.v_proj"));
-        assert_eq!(v5_name("encoder.layer.2.attention.output.dense").as_deref(), Some("encoder.layer.2.attention.o_proj"));
+        assert_eq!(
+            v5_name("encoder.layer.0.attention.attention.query").as_deref(),
+            Some("encoder.layer.0.attention.q_proj")
+        );
+        assert_eq!(
+            v5_name("encoder.layer.2.attention.attention.key").as_deref(),
+            Some("encoder.layer.2.attention.k_proj")
+        );
+        assert_eq!(
+            v5_name("encoder.layer.2.attention.attention.value").as_deref(),
+            Some("encoder.layer.2.attention.v_proj")
+        );
+        assert_eq!(
+            v5_name("encoder.layer.2.attention.output.dense").as_deref(),
+            Some("encoder.layer.2.attention.o_proj")
+        );
         assert_eq!(v5_name("encoder.layer.2.mlp.fc1").as_deref(), Some("encoder.layer.2.mlp.fc1"));
         assert_eq!(v5_name("encoder.layer.2.mlp.fc2").as_deref(), Some("encoder.layer.2.mlp.fc2"));
         assert_eq!(v5_name("encoder.layer.2.mlp.weights_out").as_deref(), Some("encoder.layer.2.mlp.down_proj"));

@@ -132,7 +132,9 @@ pub(crate) fn config_bool(dir: &ModelDir, key: &str, default: bool) -> Result<bo
     match dir.config.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => Err(Error::ConfigParse { path: config_path(dir), reason: format!("\"{key}\" must be true or false") }),
+        Some(_) => {
+            Err(Error::ConfigParse { path: config_path(dir), reason: format!("\"{key}\" must be true or false") })
+        }
     }
 }
 
@@ -166,10 +168,8 @@ pub(crate) fn open_weights(
     let mut tensors = BTreeMap::new();
     for w in &dir.weights {
         let bytes = std::fs::read(w).map_err(|e| Error::io(w, e))?;
-        let all = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::Safetensors {
-            file: w.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let all = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| Error::Safetensors { file: w.display().to_string(), reason: e.to_string() })?;
         for (name, t) in all {
             if let Some(local) = name.strip_prefix(p.as_str()) {
                 tensors.insert(local.to_string(), t);
@@ -411,7 +411,12 @@ pub struct VitModel {
 impl VitModel {
     /// Builds the model from a model directory (`ViTModel` or `ViTForImageClassification`
     /// weights, with or without the `vit.` prefix; the pooler is built when the weights have one).
-    pub fn load(dir: &ModelDir, state: Arc<RunState>, dtype: Option<DType>, device: &Device) -> Result<(Self, Registry)> {
+    pub fn load(
+        dir: &ModelDir,
+        state: Arc<RunState>,
+        dtype: Option<DType>,
+        device: &Device,
+    ) -> Result<(Self, Registry)> {
         let (hidden, heads, head_dim) = attention_dims(dir)?;
         let layers_n = dir.usize_field("num_hidden_layers")?;
         let intermediate = config_positive(dir, "intermediate_size")?;
