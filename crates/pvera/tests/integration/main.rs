@@ -1,8 +1,10 @@
-//! The integration-test binary: PEFT parity on golden fixtures, adapter lifecycle, checkpoints.
+//! The integration-test binary: PEFT parity on golden fixtures, adapter lifecycle, checkpoints,
+//! model families against transformers.
 
-mod common;
-mod peft_parity;
-mod lifecycle;
 mod bad_input;
+mod common;
 mod crash_safety;
+mod lifecycle;
 mod models_bert;
+mod models_vision;
+mod peft_parity;
