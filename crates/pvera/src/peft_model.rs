@@ -69,6 +69,10 @@ pub struct AdapterInfo {
     pub bias_modules: Vec<String>,
     /// How the adapter's file names modules (kept when saving).
     pub form: NameForm,
+    /// Tensors of the adapter's file that this model does not use (e.g. the `classifier` of an
+    /// adapter trained on a task class, loaded into the base model); written back unchanged on
+    /// save, so the file stays complete for PEFT.
+    pub passthrough: BTreeMap<String, Tensor>,
 }
 
 /// Warnings produced by an operation (the library never prints; callers decide).
@@ -531,7 +535,15 @@ impl<M> PeftModel<M> {
         }
         self.adapters.insert(
             name.to_string(),
-            AdapterInfo { config, projections, targets, modules_to_save: mts, bias_modules, form },
+            AdapterInfo {
+                config,
+                projections,
+                targets,
+                modules_to_save: mts,
+                bias_modules,
+                form,
+                passthrough: BTreeMap::new(),
+            },
         );
         self.order.push(name.to_string());
         Ok(())
@@ -835,10 +847,16 @@ impl<M> PeftModel<M> {
         if !unexpected.is_empty() {
             let shown: Vec<String> = unexpected.iter().take(6).map(|s| s.to_string()).collect();
             self.warn(format!(
-                "{file}: ignored {} tensor(s) that this model does not use: {}",
+                "{file}: {} tensor(s) are not used by this model and are kept to be saved back \
+                 unchanged: {}",
                 unexpected.len(),
                 shown.join(", ")
             ));
+            let kept: BTreeMap<String, Tensor> =
+                unexpected.iter().map(|k| ((*k).clone(), tensors[k.as_str()].tensor.clone())).collect();
+            if let Some(a) = self.adapters.get_mut(name) {
+                a.passthrough = kept;
+            }
         }
         Ok(())
     }
@@ -1115,6 +1133,9 @@ impl<M> PeftModel<M> {
             if let Some(v) = site.trainable_bias()? {
                 out.insert(checkpoint::bias_key(&self.file_name(info, path), info.targets.contains(path)), v.as_detached_tensor());
             }
+        }
+        for (k, t) in &info.passthrough {
+            out.entry(k.clone()).or_insert_with(|| t.clone());
         }
         for (k, t) in out.iter_mut() {
             if t.dtype() == DType::F16 || t.dtype() == DType::BF16 {
