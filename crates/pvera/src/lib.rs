@@ -29,6 +29,7 @@ pub mod projection;
 pub mod rng;
 pub mod state;
 pub mod targets;
+pub mod train;
 
 pub use config::PveraConfig;
 pub use error::{Error, Result};
