@@ -11,7 +11,8 @@
 //! cosine:           max(0, 0.5 * (1 + cos(π * c * 2 * (s - W) / max(1, T - W))))   c = 0.5
 //! ```
 //!
-//! with `W` the warm-up steps and `T` the total optimizer steps. The arithmetic is Python's (f64,
+//! with `W` the warm-up steps and `T` the total optimizer steps (past `T`, the cosine rises
+//! again, as transformers' does; the trainer never goes past `T`). The arithmetic is Python's (f64,
 //! the same operation order), so the factors are bit-identical to transformers'.
 
 use serde::{Deserialize, Serialize};
@@ -134,8 +135,10 @@ mod tests {
             assert_eq!(s.factor(0), 0.0);
             assert_eq!(s.factor(2), 1.0);
             assert_eq!(s.factor(10), 0.0);
-            assert_eq!(s.factor(20), 0.0);
         }
+        assert_eq!(Schedule::new(ScheduleKind::Linear, 2, 10).factor(20), 0.0);
+        // transformers' cosine is not clamped past the end: it rises again (half a period later).
+        assert!(Schedule::new(ScheduleKind::Cosine, 2, 10).factor(20) > 0.8);
         assert_eq!(Schedule::new(ScheduleKind::Constant, 4, 0).factor(100), 1.0);
         assert_eq!("cosine".parse::<ScheduleKind>().unwrap(), ScheduleKind::Cosine);
         assert!("step".parse::<ScheduleKind>().is_err());

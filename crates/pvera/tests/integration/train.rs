@@ -1,5 +1,6 @@
 //! The training library: AdamW, schedules and shuffling against PyTorch / transformers
 //! (`tools/make_train_fixtures.py`), and the trainer end to end on PEFT's test MLP.
+#![allow(clippy::result_large_err)] // pvera::Error is the crate's error type
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -415,7 +416,8 @@ fn fit_learns_a_separable_problem_and_changes_only_the_lambdas() {
     let (loss0, acc0) = val_loss_of(&pm, &p);
 
     let mut events = Vec::new();
-    let mut trainer = Trainer::new(train_cfg(tmp.path())).unwrap();
+    let cfg = TrainConfig { restore_best: true, ..train_cfg(tmp.path()) };
+    let mut trainer = Trainer::new(cfg).unwrap();
     let mut data = IndexedData::new(N_TRAIN, N_VAL, 16, 7, |s, i: &[usize]| p.batch(s, i));
     let report = trainer.fit(&mut pm, &Classify::new(), &mut data, |e| events.push(e)).unwrap();
 
@@ -480,6 +482,9 @@ fn fit_learns_a_separable_problem_and_changes_only_the_lambdas() {
     let (l, _) = val_loss_of(&loaded, &p);
     assert!((l - best_loss).abs() < 1e-5, "best/ gives val loss {l}, the report says {best_loss}");
     assert!(report.last_dir.join(pvera::train::TRAINER_STATE_NAME).is_file());
+    // restore_best left the best epoch's λ's in the model.
+    let (l, _) = val_loss_of(&pm, &p);
+    assert!((l - best_loss).abs() < 1e-5, "restore_best: model val loss {l}, best {best_loss}");
 
     // The report serialises to JSON.
     let json = serde_json::to_string(&report).unwrap();
@@ -507,7 +512,7 @@ fn resume_from_last_gives_the_same_lambdas_as_an_uninterrupted_run() {
     // A crash in epoch 3: per epoch 12 training + 6 validation batches; call 40 is in epoch 3.
     let b = tempfile::tempdir().unwrap();
     let crash = Classify { calls: Cell::new(0), fail_at: Some(40) };
-    let err = run_to_end(b.path(), |_| {}, &crash).err().expect("the simulated crash stops training");
+    let err = run_to_end(b.path(), |_| {}, &crash).expect_err("the simulated crash stops training");
     assert!(err.to_string().contains("simulated crash"));
 
     // A fresh process: new model, new trainer, resume from last/ (saved after epoch 2).
@@ -578,7 +583,6 @@ fn a_diverging_run_stops_with_non_finite_and_keeps_the_best_checkpoint() {
     let (best_bytes, last_bytes) = (std::fs::read(&best_file).unwrap(), std::fs::read(&last_file).unwrap());
 
     // Continue with an absurd learning rate: it blows up in the third epoch.
-    let mut cfg = cfg;
     cfg.epochs = 4;
     cfg.lr = 1e30;
     cfg.max_grad_norm = None;
@@ -613,6 +617,41 @@ fn a_diverging_run_stops_with_non_finite_and_keeps_the_best_checkpoint() {
     let err = Trainer::new(cfg).unwrap().fit(&mut pm, &Classify::new(), &mut data, |_| {}).unwrap_err();
     assert!(matches!(&err, Error::NonFinite { hint, .. } if hint.contains("no checkpoint had been saved yet")), "{err}");
     assert!(!fresh.path().join("best").exists());
+}
+
+/// A loss whose value is finite (0) but whose gradient is NaN: sqrt((m - m)²) at 0, whose
+/// backward multiplies d sqrt/du = inf by d u/dm = 2(m - m) = 0.
+struct NanGradient;
+
+impl Task<TestModel> for NanGradient {
+    type Batch = Batch;
+    fn step(&self, model: &PeftModel<TestModel>, b: &Batch) -> pvera::Result<StepOutput> {
+        let logp = model.model().forward(&b.x)?;
+        let m = logp.mean_all()?;
+        let loss = (&m - m.detach())?.sqr()?.sqrt()?;
+        Ok(StepOutput { loss, examples: b.y.dims()[0], correct: None })
+    }
+}
+
+#[test]
+fn non_finite_gradients_and_lambdas_stop_training_with_the_step_named() {
+    let p = problem();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut pm = peft(adapter_cfg(None, 0.0));
+    let mut data = IndexedData::new(N_TRAIN, N_VAL, 16, 7, |s, i: &[usize]| p.batch(s, i));
+    let before = snapshot(&pm);
+    let err = Trainer::new(train_cfg(tmp.path())).unwrap().fit(&mut pm, &NanGradient, &mut data, |_| {}).unwrap_err();
+    let Error::NonFinite { what, count, .. } = &err else { panic!("expected NonFinite, got {err}") };
+    assert!(what.starts_with("gradients") && what.contains("optimizer step 1 (epoch 1)"), "{what}");
+    assert!(*count > 0);
+    assert_eq!(snapshot(&pm), before, "no step was taken with NaN gradients");
+
+    // An lr that overflows f32 turns the λ's infinite in the first step.
+    let mut pm = peft(adapter_cfg(None, 0.0));
+    let cfg = TrainConfig { lr: 1e39, warmup: Warmup::Steps(0), ..train_cfg(tmp.path()) };
+    let err = Trainer::new(cfg).unwrap().fit(&mut pm, &Classify::new(), &mut data, |_| {}).unwrap_err();
+    let Error::NonFinite { what, .. } = &err else { panic!("expected NonFinite, got {err}") };
+    assert!(what.contains("pvera_lambda_") && what.contains("after optimizer step 1 (epoch 1)"), "{what}");
 }
 
 #[test]
