@@ -479,6 +479,24 @@ impl Site {
         Ok(())
     }
 
+    /// The state of an adapter's own noise generator (torch's `get_state` layout), if it has one.
+    pub fn generator_state(&self, adapter: &str) -> Result<Option<Vec<u8>>> {
+        let g = self.read()?;
+        match g.adapters.get(adapter).and_then(|s| s.generator.as_ref()) {
+            Some(m) => Ok(Some(m.lock().map_err(|_| poisoned())?.get_state())),
+            None => Ok(None),
+        }
+    }
+
+    /// Restores a state from [`Site::generator_state`].
+    pub fn set_generator_state(&self, adapter: &str, bytes: &[u8]) -> Result<()> {
+        let g = self.read()?;
+        if let Some(m) = g.adapters.get(adapter).and_then(|s| s.generator.as_ref()) {
+            m.lock().map_err(|_| poisoned())?.set_state(bytes).map_err(|e| Error::Model(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// ΔW of one adapter (mean path only), in the base weight's layout ((out, in), or (in, out)
     /// for Conv1D), f32:
     /// `ΔW = (λ_b[:,None] ⊙ B[:out]) @ (λ_d[:R,None] ⊙ A[:R, :in])` (PEFT `layer.py:243-285`).

@@ -15,7 +15,8 @@
 //! - [`targets`]: PEFT's target-module matching and default targets.
 //! - [`peft_model`]: [`PeftModel`], the adapter lifecycle.
 //! - [`checkpoint`]: PEFT's file and key names, atomic saving.
-//! - [`models`]: model families built through the builder.
+//! - [`models`]: model families built through the builder, task heads.
+//! - [`train`]: AdamW, schedules and the training loop.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
@@ -29,6 +30,7 @@ pub mod projection;
 pub mod rng;
 pub mod state;
 pub mod targets;
+pub mod train;
 
 pub use config::PveraConfig;
 pub use error::{Error, Result};

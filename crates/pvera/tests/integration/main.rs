@@ -1,5 +1,5 @@
 //! The integration-test binary: PEFT parity on golden fixtures, adapter lifecycle, checkpoints,
-//! model families against transformers.
+//! model families against transformers, training.
 
 mod bad_input;
 mod common;
@@ -8,3 +8,4 @@ mod lifecycle;
 mod models_bert;
 mod models_vision;
 mod peft_parity;
+mod train;
