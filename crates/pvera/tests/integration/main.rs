@@ -4,3 +4,4 @@ mod common;
 mod peft_parity;
 mod lifecycle;
 mod bad_input;
+mod models_decoders;
