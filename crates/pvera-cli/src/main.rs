@@ -8,14 +8,16 @@
 //! - 4: invalid or unreadable config (`adapter_config.json`)
 //! - 5: invalid tensor file (corrupt safetensors, missing/mis-shaped/non-finite tensor)
 //! - 6: file system error (missing directory or file, permissions)
+//! - 7: invalid inputs file for `infer` (unknown tensor names, wrong dtype or shape)
 
+mod infer;
 mod inspect;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// PVeRA adapters: inspect, verify, and (soon) train and serve, with exact Hugging Face PEFT parity.
+/// PVeRA adapters with exact Hugging Face PEFT parity: inspect, verify, infer, merge.
 #[derive(Parser, Debug)]
 #[command(name = "pvera", version, about, long_about = None)]
 struct Cli {
@@ -31,11 +33,18 @@ enum Command {
     /// Print an adapter directory's config, tensors and parameter counts; optionally verify
     /// that the stored projections equal the ones regenerated from `projection_prng_key`.
     Inspect(inspect::Args),
+    /// Run a model (with PEFT adapters) on a tensor file of inputs; write the outputs.
+    Infer(infer::InferArgs),
+    /// Fold an adapter into the base weights; write a model directory transformers can load.
+    Merge(infer::MergeArgs),
 }
 
 /// Exit code for a library error (see the crate docs).
 pub fn exit_code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
+        if cause.downcast_ref::<infer::InputError>().is_some() {
+            return 7;
+        }
         if let Some(e) = cause.downcast_ref::<pvera::Error>() {
             return match e {
                 pvera::Error::InvalidConfig { .. }
@@ -61,9 +70,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
+        Command::Infer(args) => infer::run_infer(args),
+        Command::Merge(args) => infer::run_merge(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -40,6 +40,20 @@ pub struct NamedVar {
     pub var: Var,
 }
 
+/// How an adapter file names the model's modules, relative to the site paths (the checkpoint's
+/// scheme): optionally under a task prefix (adapters trained on `BertForSequenceClassification`
+/// name `bert.encoder...`), without one (site paths that carry it), and/or in an alternative
+/// naming scheme (transformers 5's `attention.q_proj`). Saving keeps the form the adapter came in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NameForm {
+    /// Prefix added in front of the site path.
+    pub add_prefix: Option<String>,
+    /// Prefix removed from the site path.
+    pub strip_prefix: Option<String>,
+    /// Index into `ModelInfo::alt_schemes`.
+    pub alt: Option<usize>,
+}
+
 /// What one adapter is, beyond its per-layer λ's.
 #[derive(Clone, Debug)]
 pub struct AdapterInfo {
@@ -53,6 +67,8 @@ pub struct AdapterInfo {
     pub modules_to_save: Vec<String>,
     /// Module paths whose base bias this adapter trains (`bias` != none).
     pub bias_modules: Vec<String>,
+    /// How the adapter's file names modules (kept when saving).
+    pub form: NameForm,
 }
 
 /// Warnings produced by an operation (the library never prints; callers decide).
@@ -102,7 +118,7 @@ impl<M> PeftModel<M> {
         adapter_name: &str,
     ) -> Result<Self> {
         let mut pm = Self::bare(model, registry, info);
-        pm.inject(adapter_name, config, None)?;
+        pm.inject(adapter_name, config, None, NameForm::default(), true)?;
         pm.set_adapter(&[adapter_name])?;
         Ok(pm)
     }
@@ -123,6 +139,11 @@ impl<M> PeftModel<M> {
             pm.registry.state().set_mode(Mode::Eval)?;
         }
         Ok(pm)
+    }
+
+    /// A model without adapters yet (add or load them later); its forward is the base model's.
+    pub fn from_parts(model: M, registry: Registry, info: ModelInfo) -> Self {
+        Self::bare(model, registry, info)
     }
 
     fn bare(model: M, registry: Registry, info: ModelInfo) -> Self {
@@ -193,6 +214,69 @@ impl<M> PeftModel<M> {
         Error::UnknownAdapter { name: name.to_string(), known: format!("{:?}", self.adapter_names()) }
     }
 
+    /// Every naming form this model accepts, canonical first.
+    pub fn name_forms(&self) -> Vec<NameForm> {
+        let mut alts: Vec<Option<usize>> = vec![None];
+        alts.extend((0..self.info.alt_schemes.len()).map(Some));
+        let mut out = Vec::new();
+        for alt in &alts {
+            out.push(NameForm { alt: *alt, ..Default::default() });
+        }
+        for p in &self.info.task_prefixes {
+            for alt in &alts {
+                out.push(NameForm { add_prefix: Some(p.clone()), alt: *alt, ..Default::default() });
+                out.push(NameForm { strip_prefix: Some(p.clone()), alt: *alt, ..Default::default() });
+            }
+        }
+        out
+    }
+
+    /// A site path in a naming form (`None` when the form does not apply to it).
+    pub fn form_name(&self, form: &NameForm, path: &str) -> Option<String> {
+        let mut p = match &form.strip_prefix {
+            Some(pre) => path.strip_prefix(pre.as_str())?.strip_prefix('.')?.to_string(),
+            None => path.to_string(),
+        };
+        if let Some(i) = form.alt {
+            p = (self.info.alt_schemes.get(i)?.map)(&p)?;
+        }
+        Some(match &form.add_prefix {
+            Some(pre) => format!("{pre}.{p}"),
+            None => p,
+        })
+    }
+
+    /// All names of a site across forms (the canonical path first).
+    fn all_names(&self, path: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for f in self.name_forms() {
+            if let Some(n) = self.form_name(&f, path) {
+                if !out.contains(&n) {
+                    out.push(n);
+                }
+            }
+        }
+        out
+    }
+
+    /// The module name an adapter's file uses for a site.
+    fn file_name(&self, info: &AdapterInfo, path: &str) -> String {
+        self.form_name(&info.form, path).unwrap_or_else(|| path.to_string())
+    }
+
+    /// Every `named_modules()` key the model would have (module prefixes of its parameters).
+    fn module_keys(&self) -> Vec<String> {
+        let mut keys: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        keys.insert(String::new());
+        for p in self.registry.params() {
+            let parts: Vec<&str> = p.name.split('.').collect();
+            for i in 1..parts.len() {
+                keys.insert(parts[..i].join("."));
+            }
+        }
+        keys.into_iter().collect()
+    }
+
     fn site_paths(&self) -> Vec<String> {
         self.registry.sites().iter().map(|l| l.site().path().to_string()).collect()
     }
@@ -223,10 +307,15 @@ impl<M> PeftModel<M> {
                     }
                     names.push(p);
                 }
-                let names = if names.len() >= 20 { targets::compress_target_names(&names) } else { names };
                 config.target_modules = Some(TargetModules::List(names));
             }
             _ => {}
+        }
+        // PEFT compresses list targets of >= 20 names to minimal suffixes (tuners_utils.py l.918).
+        if let Some(TargetModules::List(names)) = &config.target_modules {
+            if let Some(short) = targets::maybe_compress_target_names(names, &self.module_keys())? {
+                config.target_modules = Some(TargetModules::List(short));
+            }
         }
         Ok(())
     }
@@ -237,7 +326,7 @@ impl<M> PeftModel<M> {
             .registry
             .sites()
             .iter()
-            .filter(|l| matcher.matches(l.site().path()))
+            .filter(|l| self.all_names(l.site().path()).iter().any(|n| matcher.matches(n)))
             .cloned()
             .collect();
         if matched.is_empty() {
@@ -305,6 +394,8 @@ impl<M> PeftModel<M> {
         name: &str,
         mut config: PveraConfig,
         projections: Option<Arc<Projections>>,
+        form: NameForm,
+        strict_modules_to_save: bool,
     ) -> Result<()> {
         config.validate()?;
         self.check_new_adapter(name, &config)?;
@@ -383,8 +474,19 @@ impl<M> PeftModel<M> {
         let mut mts = Vec::new();
         if let Some(list) = &config.modules_to_save {
             for m in list {
-                let hits: Vec<&Linear> =
-                    self.registry.sites().iter().filter(|l| l.site().path().ends_with(m.as_str())).collect();
+                let hits: Vec<&Linear> = self
+                    .registry
+                    .sites()
+                    .iter()
+                    .filter(|l| self.all_names(l.site().path()).iter().any(|n| n.ends_with(m.as_str())))
+                    .collect();
+                if hits.is_empty() && !strict_modules_to_save {
+                    self.warn(format!(
+                        "modules_to_save entry {m:?} names no linear layer of this model (e.g. a task \
+                         head the base model does not have); its weights in the file are not used"
+                    ));
+                    continue;
+                }
                 if hits.is_empty() {
                     for lin in &added {
                         let _ = lin.site().delete_adapter(name);
@@ -425,7 +527,7 @@ impl<M> PeftModel<M> {
         }
         self.adapters.insert(
             name.to_string(),
-            AdapterInfo { config, projections, targets, modules_to_save: mts, bias_modules },
+            AdapterInfo { config, projections, targets, modules_to_save: mts, bias_modules, form },
         );
         self.order.push(name.to_string());
         Ok(())
@@ -439,7 +541,7 @@ impl<M> PeftModel<M> {
                  this may lead to reinitialization of the adapter weights during loading."
             ));
         }
-        self.inject(name, config, None)?;
+        self.inject(name, config, None, NameForm::default(), true)?;
         self.refresh_trainable();
         Ok(())
     }
@@ -593,7 +695,20 @@ impl<M> PeftModel<M> {
             (p, _) => p,
         };
 
-        self.inject(name, config, projections)?;
+        // Which naming form does the file use? The one under which most targeted layers have λ's.
+        let mut best: (usize, NameForm) = (0, NameForm::default());
+        for form in self.name_forms() {
+            let hits = matched
+                .iter()
+                .filter_map(|l| self.form_name(&form, l.site().path()))
+                .filter(|n| tensors.contains_key(&checkpoint::lambda_b_key(n)))
+                .count();
+            if hits > best.0 {
+                best = (hits, form);
+            }
+        }
+        let form = best.1;
+        self.inject(name, config, projections, form, false)?;
         let result = self.fill_from_tensors(name, &tensors, &file);
         if let Err(e) = result {
             let _ = self.remove_adapter_everywhere(name);
@@ -620,8 +735,9 @@ impl<M> PeftModel<M> {
         let mut missing = Vec::new();
         for path in &info.targets {
             let Some(site) = self.registry.site(path) else { continue };
-            let kb = checkpoint::lambda_b_key(path);
-            let kd = checkpoint::lambda_d_key(path);
+            let fname = self.file_name(&info, path);
+            let kb = checkpoint::lambda_b_key(&fname);
+            let kd = checkpoint::lambda_d_key(&fname);
             let (Some(b), Some(d)) = (tensors.get(&kb), tensors.get(&kd)) else {
                 if !tensors.contains_key(&kb) {
                     missing.push(kb);
@@ -671,7 +787,8 @@ impl<M> PeftModel<M> {
         for path in &info.modules_to_save {
             let Some(site) = self.registry.site(path) else { continue };
             let Some((w, b)) = site.module_copy(name)? else { continue };
-            let kw = checkpoint::module_param_key(path, "weight");
+            let fname = self.file_name(&info, path);
+            let kw = checkpoint::module_param_key(&fname, "weight");
             let t = tensors.get(&kw).ok_or_else(|| Error::MissingTensor {
                 file: file.to_string(),
                 key: kw.clone(),
@@ -680,7 +797,7 @@ impl<M> PeftModel<M> {
             set_var_checked(&w, &t.tensor, file, &kw)?;
             used.insert(tensors.get_key_value(&kw).map(|(k, _)| k.as_str()).unwrap_or(""));
             if let Some(bv) = b {
-                let kb = checkpoint::module_param_key(path, "bias");
+                let kb = checkpoint::module_param_key(&fname, "bias");
                 if let Some(t) = tensors.get(&kb) {
                     set_var_checked(&bv, &t.tensor, file, &kb)?;
                     used.insert(tensors.get_key_value(&kb).map(|(k, _)| k.as_str()).unwrap_or(""));
@@ -691,7 +808,7 @@ impl<M> PeftModel<M> {
             let Some(site) = self.registry.site(path) else { continue };
             let Some(var) = site.trainable_bias()? else { continue };
             let targeted = info.targets.contains(path);
-            let key = checkpoint::bias_key(path, targeted);
+            let key = checkpoint::bias_key(&self.file_name(&info, path), targeted);
             if let Some(t) = tensors.get(&key) {
                 set_var_checked(&var, &t.tensor, file, &key)?;
                 used.insert(tensors.get_key_value(&key).map(|(k, _)| k.as_str()).unwrap_or(""));
@@ -914,23 +1031,23 @@ impl<M> PeftModel<M> {
             for path in &info.targets {
                 let Some(site) = self.registry.site(path) else { continue };
                 site.with_slot(name, |s| {
-                    out.push(NamedVar { name: checkpoint::lambda_b_key(path), var: s.lambda_b().clone() });
-                    out.push(NamedVar { name: checkpoint::lambda_d_key(path), var: s.lambda_d().clone() });
+                    out.push(NamedVar { name: checkpoint::lambda_b_key(&self.file_name(info, path)), var: s.lambda_b().clone() });
+                    out.push(NamedVar { name: checkpoint::lambda_d_key(&self.file_name(info, path)), var: s.lambda_d().clone() });
                 })?;
             }
             for path in &info.modules_to_save {
                 let Some(site) = self.registry.site(path) else { continue };
                 if let Some((w, b)) = site.module_copy(name)? {
-                    out.push(NamedVar { name: checkpoint::module_param_key(path, "weight"), var: w });
+                    out.push(NamedVar { name: checkpoint::module_param_key(&self.file_name(info, path), "weight"), var: w });
                     if let Some(b) = b {
-                        out.push(NamedVar { name: checkpoint::module_param_key(path, "bias"), var: b });
+                        out.push(NamedVar { name: checkpoint::module_param_key(&self.file_name(info, path), "bias"), var: b });
                     }
                 }
             }
             for path in &info.bias_modules {
                 let Some(site) = self.registry.site(path) else { continue };
                 if let Some(v) = site.trainable_bias()? {
-                    out.push(NamedVar { name: checkpoint::bias_key(path, info.targets.contains(path)), var: v });
+                    out.push(NamedVar { name: checkpoint::bias_key(&self.file_name(info, path), info.targets.contains(path)), var: v });
                 }
             }
         }
@@ -972,8 +1089,8 @@ impl<M> PeftModel<M> {
         for path in &info.targets {
             let Some(site) = self.registry.site(path) else { continue };
             site.with_slot(name, |s| {
-                out.insert(checkpoint::lambda_b_key(path), s.lambda_b().as_detached_tensor());
-                out.insert(checkpoint::lambda_d_key(path), s.lambda_d().as_detached_tensor());
+                out.insert(checkpoint::lambda_b_key(&self.file_name(info, path)), s.lambda_b().as_detached_tensor());
+                out.insert(checkpoint::lambda_d_key(&self.file_name(info, path)), s.lambda_d().as_detached_tensor());
             })?;
         }
         if info.config.save_projection {
@@ -983,16 +1100,16 @@ impl<M> PeftModel<M> {
         for path in &info.modules_to_save {
             let Some(site) = self.registry.site(path) else { continue };
             if let Some((w, b)) = site.module_copy(name)? {
-                out.insert(checkpoint::module_param_key(path, "weight"), w.as_detached_tensor());
+                out.insert(checkpoint::module_param_key(&self.file_name(info, path), "weight"), w.as_detached_tensor());
                 if let Some(b) = b {
-                    out.insert(checkpoint::module_param_key(path, "bias"), b.as_detached_tensor());
+                    out.insert(checkpoint::module_param_key(&self.file_name(info, path), "bias"), b.as_detached_tensor());
                 }
             }
         }
         for path in &info.bias_modules {
             let Some(site) = self.registry.site(path) else { continue };
             if let Some(v) = site.trainable_bias()? {
-                out.insert(checkpoint::bias_key(path, info.targets.contains(path)), v.as_detached_tensor());
+                out.insert(checkpoint::bias_key(&self.file_name(info, path), info.targets.contains(path)), v.as_detached_tensor());
             }
         }
         for (k, t) in out.iter_mut() {

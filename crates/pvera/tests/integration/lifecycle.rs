@@ -473,3 +473,47 @@ fn a_sample_at_inference_dict_means_per_module_and_warns_on_save() {
     let warnings = pm.save_pretrained(tmp.path(), None).unwrap();
     assert!(warnings.iter().any(|w| w.contains("PEFT")), "{warnings:?}");
 }
+
+fn alt_lin(path: &str) -> Option<String> {
+    path.strip_prefix("lin").map(|n| format!("fc{n}"))
+}
+
+#[test]
+fn adapters_in_task_prefix_or_alternative_naming_load_and_save_back_in_their_form() {
+    use std::collections::BTreeMap;
+    let src = fixtures().join("peft/mlp_list/adapter");
+    let (ts, _) = pvera::checkpoint::read_safetensors(&src.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let want = {
+        let (m, reg, info) = mlp();
+        let pm = PeftModel::from_pretrained(m, reg, info, &src, "default", false).unwrap();
+        pm.model().forward(&input()).unwrap()
+    };
+    for (form, rename) in [
+        ("task prefix", Box::new(|k: &str| k.replace("base_model.model.lin", "base_model.model.net.lin")) as Box<dyn Fn(&str) -> String>),
+        ("alt scheme", Box::new(|k: &str| k.replace("base_model.model.lin", "base_model.model.fc"))),
+        ("both", Box::new(|k: &str| k.replace("base_model.model.lin", "base_model.model.net.fc"))),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let renamed: BTreeMap<String, Tensor> = ts.iter().map(|(k, v)| (rename(k), v.tensor.clone())).collect();
+        let bytes = pvera::checkpoint::serialize_safetensors(&renamed, Some(pvera::checkpoint::pt_metadata())).unwrap();
+        std::fs::write(tmp.path().join("adapter_model.safetensors"), bytes).unwrap();
+        // target_modules stay ["lin0", "lin3"] in one case, use the other scheme in another.
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+        if form != "task prefix" {
+            cfg["target_modules"] = serde_json::json!(["fc0", "fc3"]);
+        }
+        std::fs::write(tmp.path().join("adapter_config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+        let (m, reg, mut info) = mlp();
+        info.task_prefixes = vec!["net".into()];
+        info.alt_schemes = vec![pvera::inject::AltScheme { name: "fc", map: alt_lin }];
+        let mut pm = PeftModel::from_pretrained(m, reg, info, tmp.path(), "default", false)
+            .unwrap_or_else(|e| panic!("{form}: {e}"));
+        assert!(bits_equal(&pm.model().forward(&input()).unwrap(), &want), "{form}");
+        let out = tempfile::tempdir().unwrap();
+        pm.save_pretrained(out.path(), None).unwrap();
+        let (saved, _) = pvera::checkpoint::read_safetensors(&out.path().join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        let want_keys: Vec<&String> = renamed.keys().collect();
+        let got_keys: Vec<&String> = saved.keys().collect();
+        assert_eq!(got_keys, want_keys, "{form}: saved in the form it was loaded in");
+    }
+}

@@ -4,4 +4,5 @@ mod common;
 mod peft_parity;
 mod lifecycle;
 mod bad_input;
+mod crash_safety;
 mod models_decoders;
