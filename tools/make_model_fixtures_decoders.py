@@ -225,10 +225,10 @@ def pvera_layers(peft_model):
 CASES: list[dict] = []
 
 
-def case(name, *, cls, config, adapters, dtype="float32", seed=0, shard=None, sampling=None, notes=""):
+def case(name, *, cls, config, adapters, dtype="float32", seed=0, shard=None, sampling=None, grads=False, notes=""):
     CASES.append(
         dict(name=name, cls=cls, config=config, adapters=adapters, dtype=dtype, seed=seed, shard=shard,
-             sampling=sampling, notes=notes)
+             sampling=sampling, grads=grads, notes=notes)
     )
 
 
@@ -270,6 +270,7 @@ case(
     cls="LlamaForCausalLM",
     config=("llama", {"tie_word_embeddings": True}),
     seed=12,
+    grads=True,
     adapters=[adapter("adapter", "LlamaForCausalLM", "eval", task_type="CAUSAL_LM", target_modules="all-linear")],
     notes="tie_word_embeddings=true (no lm_head.weight in the file; logits use embed_tokens.weight); "
     "all-linear = every q/k/v/o/gate/up/down projection, lm_head excluded by PEFT.",
@@ -369,6 +370,7 @@ case(
     cls="GPT2LMHeadModel",
     config=("gpt2", {"scale_attn_by_inverse_layer_idx": True, "activation_function": "gelu"}),
     seed=22,
+    grads=True,
     adapters=[adapter("adapter", "GPT2LMHeadModel", "eval", task_type="CAUSAL_LM", target_modules="all-linear")],
     notes="all-linear: c_attn, attn.c_proj, c_fc, mlp.c_proj (lm_head excluded); scale_attn_by_inverse_layer_idx "
     "and exact gelu for coverage.",
@@ -499,6 +501,26 @@ def make_case(c: dict, out_root: Path) -> None:
         if a["check"] == "eval":
             merged = pm.merge_and_unload()
             put("merged", run(merged, trained_cls, io), "the eval model after merge_and_unload()")
+
+    if c["grads"]:
+        # gradients of the mean path: PeftModel.from_pretrained(is_trainable=True), eval(),
+        # loss = mean(logits.float() ** 2), backward; stored as grad.<adapter file key>
+        a = c["adapters"][0]
+        pm = PeftModel.from_pretrained(fresh(), d / a["dir"], is_trainable=True)
+        pm.eval()
+        out = pm.base_model.model(input_ids=io["input_ids"], attention_mask=io["attention_mask"])
+        loss = out.logits.float().pow(2).mean()
+        loss.backward()
+        for path, layer in pvera_layers(pm):
+            for kind in ("b", "d"):
+                g = getattr(layer, f"pvera_lambda_{kind}")["default"].grad
+                tensors[f"grad.base_model.model.{path}.pvera_lambda_{kind}"] = g.detach().clone().contiguous()
+        tensors["grad.loss"] = loss.detach().reshape(1).clone()
+        outputs["grad.<key>"] = (
+            "PeftModel.from_pretrained(model, adapter, is_trainable=True), eval(); loss = mean(logits.float()**2) "
+            "on the inputs; backward; gradient of every lambda (key as in adapter_model.safetensors); grad.loss "
+            "is the loss"
+        )
 
     save_file(tensors, str(d / "io.safetensors"))
     meta = {

@@ -414,3 +414,32 @@ fn decoder_config_errors_are_clear() {
     let e = edit(&|c| c["num_hidden_layers"] = 3.into());
     assert!(e.contains("layers.2."), "{e}");
 }
+
+#[test]
+fn decoder_gradients_match_torch() {
+    // The whole model backpropagates (norms, rotary, GQA, masks, tied heads, Conv1D): the
+    // gradient of mean(logits²) w.r.t. every λ equals torch's.
+    for (name, sites) in [("llama_causal_all_linear", 14), ("gpt2_lm_all_linear", 8)] {
+        let case = Case::load(name);
+        let (m, r, i) = load(&case, None);
+        let pm = PeftModel::from_pretrained(m, r, i, &case.dir.join("adapter"), "default", true).unwrap();
+        pm.eval().unwrap();
+        let out = pm.model().forward(&case.inputs()).unwrap();
+        let loss = out.logits.unwrap().to_dtype(DType::F32).unwrap().sqr().unwrap().mean_all().unwrap();
+        let (d, ok) = compare(&loss.reshape(1).unwrap(), case.t("grad.loss"), 1e-6, 1e-5);
+        assert!(ok, "{name}: loss differs by {d}");
+        let grads = loss.backward().unwrap();
+        let vars = pm.trainable_vars().unwrap();
+        assert_eq!(vars.len(), 2 * sites, "{name}: λ_b and λ_d of every adapted site");
+        let mut worst = 0f32;
+        for v in &vars {
+            let g = grads.get(v.var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {}", v.name));
+            let want = case.t(&format!("grad.{}", v.name));
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let (d, ok) = compare(g, want, 1e-4 * scale.max(1e-6), 1e-3);
+            assert!(ok, "{name}: grad {}: max diff {d:e} (scale {scale:e})", v.name);
+            worst = worst.max(d / scale.max(1e-12));
+        }
+        eprintln!("{name:<26} {} λ gradients, worst |diff| / max|grad| = {worst:.3e}", vars.len());
+    }
+}
