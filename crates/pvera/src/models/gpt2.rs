@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::common::{Activation, Embedding, LayerNorm};
 use super::llama::{
-    architectures_allow, cfg_activation, cfg_bool, cfg_pos_f64, check_ids, check_token_inputs, opt_usize, req_usize,
+    architectures_allow, cfg_activation, cfg_bool, cfg_pos_f64, check_ids, check_token_inputs, explicitly_lm, opt_usize, req_usize,
     CausalMask,
 };
 use super::loader::ModelDir;
@@ -248,6 +248,18 @@ impl Gpt2Model {
                 hint: " (nor transformer.wte.weight: the weights do not look like a GPT-2 checkpoint saved \
                        by transformers' GPT2Model or GPT2LMHeadModel)"
                     .into(),
+            });
+        }
+        if lay.prefix.is_some() && lay.head == Head::None && explicitly_lm(dir, LM_CLASSES) {
+            return Err(Error::MissingTensor {
+                file: dir.path.display().to_string(),
+                key: "lm_head.weight".into(),
+                hint: format!(
+                    " (config.json names {} with tie_word_embeddings=false, so the LM head needs its own \
+                     weight; transformers would initialise it randomly. Set tie_word_embeddings to true if \
+                     the head shares wte.weight)",
+                    lay.class_name
+                ),
             });
         }
         let vb = dir.builder(None, dtype, device, state)?;

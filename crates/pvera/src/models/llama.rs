@@ -106,6 +106,14 @@ pub(crate) fn architectures_allow(dir: &ModelDir, classes: &[&str]) -> bool {
     }
 }
 
+/// True when `config.architectures` explicitly names one of `classes`.
+pub(crate) fn explicitly_lm(dir: &ModelDir, classes: &[&str]) -> bool {
+    dir.config
+        .get("architectures")
+        .and_then(Value::as_array)
+        .is_some_and(|a| a.iter().filter_map(Value::as_str).any(|s| classes.contains(&s)))
+}
+
 /// Checks an id tensor (rank 2, integer, ids in `0..vocab`) named `key`; returns `(batch, seq)`.
 pub(crate) fn check_ids(ids: &Tensor, key: &str, vocab: usize) -> Result<(usize, usize)> {
     let (b, s) = match ids.dims() {
@@ -351,18 +359,25 @@ impl LlamaConfig {
             .or_else(|| params.get("type"))
             .and_then(Value::as_str)
             .unwrap_or("default");
+        if kind != "default" {
+            // transformers' default rope ignores partial_rotary_factor; the scaled types honour
+            // it, which would leave part of each head unrotated: not supported here.
+            let partial = params
+                .get("partial_rotary_factor")
+                .and_then(Value::as_f64)
+                .or_else(|| dir.config.get("partial_rotary_factor").and_then(Value::as_f64))
+                .unwrap_or(1.0);
+            if partial != 1.0 {
+                return Err(cfg_err(
+                    dir,
+                    format!("rope type {kind:?} with partial_rotary_factor {partial} is not supported (only 1.0)"),
+                ));
+            }
+        }
         let rope_scaling = match kind {
             "default" => RopeScaling::Default,
             "linear" => RopeScaling::Linear { factor: rope_f64(dir, params, "factor", kind)? },
             "llama3" => {
-                let partial = params
-                    .get("partial_rotary_factor")
-                    .and_then(Value::as_f64)
-                    .or_else(|| dir.config.get("partial_rotary_factor").and_then(Value::as_f64))
-                    .unwrap_or(1.0);
-                if partial != 1.0 {
-                    return Err(cfg_err(dir, format!("llama3 rope with partial_rotary_factor {partial} is not supported (only 1.0)")));
-                }
                 // transformers: a top-level original_max_position_embeddings wins, then the
                 // dict's, then max_position_embeddings.
                 let orig = match dir.config.get("original_max_position_embeddings").and_then(Value::as_f64) {
@@ -650,6 +665,18 @@ impl LlamaModel {
                 hint: " (nor model.embed_tokens.weight: the weights do not look like a LLaMA checkpoint \
                        saved by transformers' LlamaModel or LlamaForCausalLM)"
                     .into(),
+            });
+        }
+        if lay.prefix.is_some() && lay.head == Head::None && explicitly_lm(dir, CAUSAL_CLASSES) {
+            return Err(Error::MissingTensor {
+                file: dir.path.display().to_string(),
+                key: "lm_head.weight".into(),
+                hint: format!(
+                    " (config.json names {} with tie_word_embeddings=false, so the LM head needs its own \
+                     weight; transformers would initialise it randomly. Set tie_word_embeddings to true if \
+                     the head shares embed_tokens.weight)",
+                    lay.class_name
+                ),
             });
         }
         let vb = dir.builder(None, dtype, device, state)?;

@@ -443,3 +443,91 @@ fn decoder_gradients_match_torch() {
         eprintln!("{name:<26} {} λ gradients, worst |diff| / max|grad| = {worst:.3e}", vars.len());
     }
 }
+
+#[test]
+fn decoder_layer_filters_on_base_checkpoints() {
+    // PEFT (checked with peft 0.21.2): layers_pattern matches at the start of a LlamaModel /
+    // GPT2Model module name too: LlamaModel + [q_proj, o_proj], layers_to_transform=[1],
+    // layers_pattern="layers" -> layers.1.self_attn.{q,o}_proj; GPT2Model + [c_proj], "h" ->
+    // h.1.attn.c_proj, h.1.mlp.c_proj (fan_in_fan_out switched on).
+    use pvera::config::{LayersPattern, LayersToTransform, TargetModules};
+    use pvera::PveraConfig;
+    for (name, targets, pattern, want) in [
+        ("llama_base", vec!["q_proj", "o_proj"], "layers", vec!["layers.1.self_attn.q_proj", "layers.1.self_attn.o_proj"]),
+        ("gpt2_base", vec!["c_proj"], "h", vec!["h.1.attn.c_proj", "h.1.mlp.c_proj"]),
+    ] {
+        let case = Case::load(name);
+        let (m, r, i) = load(&case, None);
+        let cfg = PveraConfig {
+            r: 4,
+            target_modules: Some(TargetModules::List(targets.iter().map(|s| s.to_string()).collect())),
+            layers_to_transform: Some(LayersToTransform::Many(vec![1])),
+            layers_pattern: Some(LayersPattern::One(pattern.to_string())),
+            ..Default::default()
+        };
+        let pm = PeftModel::new(m, r, i, cfg, "default").unwrap();
+        assert_eq!(pm.adapter("default").unwrap().targets, want, "{name}");
+        assert_eq!(pm.peft_config("default").unwrap().fan_in_fan_out, name.starts_with("gpt2"));
+    }
+}
+
+#[test]
+fn decoder_missing_untied_lm_head_is_an_error() {
+    let src = models_dir().join("llama_causal").join("model");
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
+    // the weights without lm_head.weight
+    let (t, _) = checkpoint::read_safetensors(&src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let t: std::collections::HashMap<String, Tensor> =
+        t.into_iter().filter(|(k, _)| k != "lm_head.weight").map(|(k, v)| (k, v.tensor)).collect();
+    candle_core::safetensors::save(&t, tmp.path().join("model.safetensors")).unwrap();
+    let dir = ModelDir::open(tmp.path()).unwrap();
+    let e = AnyModel::load(&dir, None, &Device::Cpu, Arc::new(RunState::new(0))).unwrap_err();
+    assert!(matches!(&e, Error::MissingTensor { key, .. } if key == "lm_head.weight"), "{e}");
+    assert!(e.to_string().contains("tie_word_embeddings"), "{e}");
+}
+
+#[test]
+fn decoder_rope_frequencies_match_transformers() {
+    // LlamaRotaryEmbedding(LlamaConfig(hidden_size=64, num_attention_heads=4, rope_parameters=...)).inv_freq
+    // with transformers 5.24.
+    use pvera::models::llama::LlamaConfig;
+    let cases: [(Value, [f32; 8]); 3] = [
+        (
+            serde_json::json!({"rope_type": "linear", "factor": 2.5, "rope_theta": 5000.0}),
+            [0.4, 0.13793954, 0.047568284, 0.016403867, 0.005656854, 0.0019507594, 0.0006727171, 0.0002319857],
+        ),
+        (
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 16, "rope_theta": 500000.0}),
+            [0.57605636, 0.024240345, 0.004700754, 0.0009115831, 0.00017677668, 3.428102e-5, 6.64787e-6, 1.2891732e-6],
+        ),
+        // transformers-4 form: "rope_scaling" with "type"
+        (
+            serde_json::json!({"type": "linear", "factor": 2.5}),
+            [0.4, 0.13793954, 0.047568284, 0.016403867, 0.005656854, 0.0019507594, 0.0006727171, 0.0002319857],
+        ),
+    ];
+    let src = models_dir().join("llama_base").join("model");
+    for (i, (rope, want)) in cases.iter().enumerate() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::copy(src.join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
+        let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+        cfg["hidden_size"] = 64.into();
+        cfg.as_object_mut().unwrap().remove("head_dim");
+        if i == 2 {
+            cfg.as_object_mut().unwrap().remove("rope_parameters");
+            cfg["rope_scaling"] = rope.clone();
+            cfg["rope_theta"] = 5000.0.into();
+        } else {
+            cfg["rope_parameters"] = rope.clone();
+        }
+        std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+        let dir = ModelDir::open(tmp.path()).unwrap();
+        let got = LlamaConfig::from_dir(&dir).unwrap().inv_freq();
+        assert_eq!(got.len(), 8);
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 2e-6 * w.abs(), "case {i}: {got:?} vs {want:?}");
+        }
+    }
+}
