@@ -172,12 +172,12 @@ pub(crate) fn check_token_inputs(inputs: &ModelInputs, vocab: usize, family: &st
     Ok((b, s))
 }
 
-/// The most negative finite value of `dtype` (what transformers' eager masks add).
+/// The most negative finite value of `dtype` (what transformers' eager masks add); f32's for
+/// f32 and f64 (the mask is built in f32).
 fn dtype_min(dtype: DType) -> f64 {
     match dtype {
         DType::F16 => half::f16::MIN.to_f64(),
         DType::BF16 => half::bf16::MIN.to_f64(),
-        DType::F64 => f64::MIN,
         _ => f32::MIN as f64,
     }
 }
