@@ -6,6 +6,7 @@ mod common;
 mod crash_safety;
 mod lifecycle;
 mod models_bert;
+mod models_decoders;
 mod models_vision;
 mod peft_parity;
 mod train;
