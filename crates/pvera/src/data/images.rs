@@ -5,8 +5,9 @@
 //! [`ImagePreprocess`] follows transformers' PIL image-processor backend step for step
 //! (`BitImageProcessor`, which DINOv2 uses, and `ViTImageProcessor`):
 //!
-//! 1. convert to RGB (grey images are repeated over three channels, alpha is dropped; PIL's
-//!    `convert("RGB")`);
+//! 1. convert to RGB: grey images are repeated over three channels, and images with transparency
+//!    are composited onto white, exactly as transformers' `convert_to_rgb` does with
+//!    `Image.alpha_composite` (PNG `tRNS` transparency included);
 //! 2. resize, either the shortest edge to N (the long edge to `int(N * long / short)`) or to an
 //!    exact height x width, with Pillow's resampling filters ported exactly (`ImagingResample`:
 //!    separable horizontal-then-vertical passes, 22-bit fixed-point coefficients, 8-bit
@@ -351,15 +352,41 @@ pub fn decode_image_bytes(bytes: &[u8], name: &str) -> Result<RawImage> {
     from_dynamic(img, name)
 }
 
+/// transformers' `convert_to_rgb` for an image with transparency: `Image.alpha_composite` onto
+/// opaque white (Pillow's fixed-point formula, exact for every value / alpha pair).
+#[inline]
+fn over_white(v: u8, a: u8) -> u8 {
+    if a == 0 {
+        return 255;
+    }
+    let (v, a) = (u32::from(v), u32::from(a));
+    // With an opaque background Pillow's coef1 = a * 255 * 255 * 128 / (255 * 255) = a * 128.
+    let coef1 = a << 7;
+    let coef2 = (255 << 7) - coef1;
+    let t = v * coef1 + 255 * coef2 + (0x80 << 7);
+    ((((t >> 8) + t) >> 8) >> 7) as u8
+}
+
 fn from_dynamic(img: DynamicImage, name: &str) -> Result<RawImage> {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let (channels, data) = match img {
-        DynamicImage::ImageLuma8(b) => (1, b.into_raw()),
-        DynamicImage::ImageLumaA8(_) | DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA16(_) => {
-            (1, img.to_luma8().into_raw())
+    let has_alpha = img.color().has_alpha();
+    let grey = matches!(
+        img,
+        DynamicImage::ImageLuma8(_) | DynamicImage::ImageLumaA8(_) | DynamicImage::ImageLuma16(_) | DynamicImage::ImageLumaA16(_)
+    );
+    let (channels, data) = match (grey, has_alpha) {
+        (true, false) => (1, img.into_luma8().into_raw()),
+        (true, true) => (1, img.into_luma_alpha8().pixels().map(|p| over_white(p.0[0], p.0[1])).collect()),
+        (false, false) => (3, img.into_rgb8().into_raw()),
+        (false, true) => {
+            let rgba = img.into_rgba8();
+            let mut out = Vec::with_capacity(w * h * 3);
+            for p in rgba.pixels() {
+                let [r, g, b, a] = p.0;
+                out.extend_from_slice(&[over_white(r, a), over_white(g, a), over_white(b, a)]);
+            }
+            (3, out)
         }
-        DynamicImage::ImageRgb8(b) => (3, b.into_raw()),
-        other => (3, other.to_rgb8().into_raw()),
     };
     RawImage::new(w, h, channels, data).map_err(|e| Error::Model(format!("{name}: {e}")))
 }

@@ -5,3 +5,4 @@ mod peft_parity;
 mod lifecycle;
 mod bad_input;
 mod crash_safety;
+mod data;
