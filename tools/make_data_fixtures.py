@@ -78,6 +78,8 @@ SMALL = {
     "box_7x3": ("vit", dict(VIT, size={"height": 7, "width": 3}, resample=4)),
     "hamming_4x9": ("vit", dict(VIT, size={"height": 4, "width": 9}, resample=5)),
     "bicubic_up_33x31_pad_crop40": ("bit", dict(DINOV2, size={"shortest_edge": 31}, crop_size={"height": 40, "width": 38})),
+    # Pillow 13 runs the vertical pass first when the height shrinks by > 2x the width's shrink.
+    "bicubic_vertical_first_14x6": ("vit", dict(VIT, size={"height": 6, "width": 14}, resample=3)),
     "norescale_nonorm_bilinear_3x3": ("vit", dict(VIT, size={"height": 3, "width": 3}, do_rescale=False, do_normalize=False)),
 }
 

@@ -143,7 +143,8 @@ impl Resample {
                     0.0
                 } else {
                     let x = x * std::f64::consts::PI;
-                    x.sin() / x * (0.54 + 0.46 * x.cos())
+                    // Pillow writes these constants as C floats (0.54f, 0.46f).
+                    x.sin() / x * (f64::from(0.54f32) + f64::from(0.46f32) * x.cos())
                 }
             }
             Resample::Bicubic => {
@@ -266,7 +267,9 @@ impl RawImage {
     }
 
     /// Resizes with a Pillow filter, bit-identical to `PIL.Image.resize((width, height), filter)`
-    /// on an `L` or `RGB` image.
+    /// on an `L` or `RGB` image with Pillow 13 (which runs the vertical pass first when the height
+    /// shrinks by more than twice as many pixels as the width; Pillow 12 and older always ran the
+    /// horizontal pass first, which can differ by one grey level in those cases).
     pub fn resize(&self, width: usize, height: usize, filter: Resample) -> RawImage {
         let c = self.channels;
         let need_h = width != self.width;
@@ -274,59 +277,79 @@ impl RawImage {
         if !need_h && !need_v {
             return self.clone();
         }
-        let horiz = precompute_coeffs(self.width, width, filter);
-        let mut vert = precompute_coeffs(self.height, height, filter);
-
+        let (dh, dw) = (self.height as i64 - height as i64, self.width as i64 - width as i64);
+        let vertical_first = dh > 0 && dh > dw * 2;
+        if vertical_first {
+            let vert = precompute_coeffs(self.height, height, filter);
+            let tmp = resample_vertical(&self.data, self.width * c, &vert, height);
+            if !need_h {
+                return RawImage { width: self.width, height, channels: c, data: tmp };
+            }
+            let horiz = precompute_coeffs(self.width, width, filter);
+            let data = resample_horizontal(&tmp, self.width, 0, height, c, &horiz, width);
+            return RawImage { width, height, channels: c, data };
+        }
         // Horizontal pass over only the rows the vertical pass reads (Pillow's ybox).
-        let (tmp, tmp_w) = if need_h {
+        let mut vert = precompute_coeffs(self.height, height, filter);
+        let (tmp, rows) = if need_h {
             let first = vert.bounds[0].0;
-            let last = {
-                let (b, n) = vert.bounds[height - 1];
-                b + n
-            };
-            for b in &mut vert.bounds {
-                b.0 -= first;
+            let (b, n) = vert.bounds[height - 1];
+            let last = b + n;
+            for bd in &mut vert.bounds {
+                bd.0 -= first;
             }
-            let rows = last - first;
-            let mut out = vec![0u8; rows * width * c];
-            for y in 0..rows {
-                let src = &self.data[(y + first) * self.width * c..(y + first + 1) * self.width * c];
-                let dst = &mut out[y * width * c..(y + 1) * width * c];
-                for xx in 0..width {
-                    let (xmin, n) = horiz.bounds[xx];
-                    let k = &horiz.k[xx * horiz.ksize..xx * horiz.ksize + n];
-                    for ch in 0..c {
-                        let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                        for (x, &kx) in k.iter().enumerate() {
-                            ss += i64::from(src[(x + xmin) * c + ch]) * i64::from(kx);
-                        }
-                        dst[xx * c + ch] = clip8(ss);
-                    }
-                }
-            }
-            (out, width)
+            let horiz = precompute_coeffs(self.width, width, filter);
+            (resample_horizontal(&self.data, self.width, first, last - first, c, &horiz, width), last - first)
         } else {
-            (self.data.clone(), self.width)
+            (self.data.clone(), self.height)
         };
+        let w = if need_h { width } else { self.width };
         if !need_v {
-            return RawImage { width: tmp_w, height: self.height, channels: c, data: tmp };
+            return RawImage { width: w, height: rows, channels: c, data: tmp };
         }
-        let row_len = tmp_w * c;
-        let mut out = vec![0u8; height * row_len];
-        for yy in 0..height {
-            let (ymin, n) = vert.bounds[yy];
-            let k = &vert.k[yy * vert.ksize..yy * vert.ksize + n];
-            let dst = &mut out[yy * row_len..(yy + 1) * row_len];
-            for (i, d) in dst.iter_mut().enumerate() {
+        let data = resample_vertical(&tmp, w * c, &vert, height);
+        RawImage { width: w, height, channels: c, data }
+    }
+}
+
+/// Pillow's `ImagingResampleHorizontal_8bpc`: rows `first..first + rows` of `src` (`src_w` pixels
+/// of `c` channels each) to `out_w` pixels.
+fn resample_horizontal(src: &[u8], src_w: usize, first: usize, rows: usize, c: usize, k: &Coeffs, out_w: usize) -> Vec<u8> {
+    let mut out = vec![0u8; rows * out_w * c];
+    for y in 0..rows {
+        let row = &src[(y + first) * src_w * c..(y + first + 1) * src_w * c];
+        let dst = &mut out[y * out_w * c..(y + 1) * out_w * c];
+        for xx in 0..out_w {
+            let (xmin, n) = k.bounds[xx];
+            let kx = &k.k[xx * k.ksize..xx * k.ksize + n];
+            for ch in 0..c {
                 let mut ss: i64 = 1 << (PRECISION_BITS - 1);
-                for (y, &ky) in k.iter().enumerate() {
-                    ss += i64::from(tmp[(y + ymin) * row_len + i]) * i64::from(ky);
+                for (x, &w) in kx.iter().enumerate() {
+                    ss += i64::from(row[(x + xmin) * c + ch]) * i64::from(w);
                 }
-                *d = clip8(ss);
+                dst[xx * c + ch] = clip8(ss);
             }
         }
-        RawImage { width: tmp_w, height, channels: c, data: out }
     }
+    out
+}
+
+/// Pillow's `ImagingResampleVertical_8bpc`: rows of `row_len` bytes to `out_h` rows.
+fn resample_vertical(src: &[u8], row_len: usize, k: &Coeffs, out_h: usize) -> Vec<u8> {
+    let mut out = vec![0u8; out_h * row_len];
+    for yy in 0..out_h {
+        let (ymin, n) = k.bounds[yy];
+        let ky = &k.k[yy * k.ksize..yy * k.ksize + n];
+        let dst = &mut out[yy * row_len..(yy + 1) * row_len];
+        for (i, d) in dst.iter_mut().enumerate() {
+            let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+            for (y, &w) in ky.iter().enumerate() {
+                ss += i64::from(src[(y + ymin) * row_len + i]) * i64::from(w);
+            }
+            *d = clip8(ss);
+        }
+    }
+    out
 }
 
 /// Decodes a PNG or JPEG file (format sniffed from the content) to grey or RGB 8-bit pixels.
