@@ -20,6 +20,7 @@ Output, under `crates/pvera/tests/fixtures/data/` (a few KB in all):
                        a nested sub-folder, a non-image file that must be ignored)
   fashion-mnist-tiny/  an IDX pair, gzip (train-*) and raw (t10k-*), 28x28 grey
   tokenizer.json       a BERT-style WordPiece tokenizer built with `tokenizers`
+  tokenizer_bpe.json   a GPT-2 style byte-level BPE (no pad token) trained on lm.txt
   text/                train.csv (quoted commas, quotes, newlines), train.jsonl (int labels),
                        lm.txt (plain text for causal LM)
   expected.json        what transformers / PIL / torch produce for all of it:
@@ -30,7 +31,8 @@ Output, under `crates/pvera/tests/fixtures/data/` (a few KB in all):
     * idx: labels and the DINOv2-preprocessed first image (sha256).
     * text: `PreTrainedTokenizerFast(...)(texts, padding=True, truncation=True, max_length=16)`
       (and padding="max_length"), labels ids by the sorted-label rule.
-    * lm: run_clm's group_texts blocks (block 8, keep_linebreaks, per-1000-line groups).
+    * lm: run_clm's group_texts blocks (block 8, with and without keep_linebreaks, per-1000-line
+      groups) for both tokenizers.
     * randperm: `torch.randperm(n, generator=torch.Generator().manual_seed(s))`.
 """
 
@@ -299,6 +301,24 @@ def make_text(expected: dict, tok_path: Path) -> None:
     concat2 = [t for seq in ids2 for t in seq]
     total2 = len(concat2) // block * block
     expected["lm"]["blocks_no_linebreaks"] = [concat2[i: i + block] for i in range(0, total2, block)]
+
+    # A GPT-2 style byte-level BPE (no special tokens, no pad token): line breaks become tokens,
+    # so keep_linebreaks matters.
+    from tokenizers import models, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.train_from_iterator([lm] * 3, trainer=trainer)
+    bpe_path = OUT / "tokenizer_bpe.json"
+    bpe.save(str(bpe_path))
+    gpt = PreTrainedTokenizerFast(tokenizer_file=str(bpe_path), eos_token="<|endoftext|>")
+    for key, lines in (("bpe_blocks", raw_lines), ("bpe_blocks_no_linebreaks", [l.rstrip("\n") for l in raw_lines])):
+        cat = [t for line in lines for t in gpt(line)["input_ids"]]
+        expected["lm"][key] = [cat[i: i + block] for i in range(0, len(cat) // block * block, block)]
 
 
 def make_randperm(expected: dict) -> None:

@@ -547,6 +547,19 @@ fn causal_lm_blocks_follow_group_texts() {
         as_i64_rows(&e["lm"]["blocks_no_linebreaks"])[..2]
     );
 
+    // A byte-level BPE (GPT-2 style, no pad token): line breaks are tokens of their own.
+    let bpe = TextTokenizer::from_file(&dir().join("tokenizer_bpe.json"), &TokenizeOptions::default()).unwrap();
+    assert_eq!(bpe.pad_id(), None);
+    assert!(!bpe.returns_token_type_ids());
+    for (keep, key) in [(true, "bpe_blocks"), (false, "bpe_blocks_no_linebreaks")] {
+        let opts = CausalLmOptions { keep_linebreaks: keep, ..CausalLmOptions::new(block) };
+        let ds = CausalLm::from_text_file(&dir().join("text/lm.txt"), &bpe, &opts, &Device::Cpu).unwrap();
+        let want = as_i64_rows(&e["lm"][key]);
+        let idx: Vec<usize> = (0..ds.len()).collect();
+        assert_eq!(ds.get_batch(&idx).unwrap().inputs.input_ids.unwrap().to_vec2::<i64>().unwrap(), want, "{key}");
+    }
+    assert_ne!(e["lm"]["bpe_blocks"], e["lm"]["bpe_blocks_no_linebreaks"]);
+
     let msg = err_text(CausalLm::from_text("hello", Path::new("short.txt"), &tok, &CausalLmOptions::new(64), &Device::Cpu));
     assert!(msg.contains("short.txt") && msg.contains("block_size"), "{msg}");
     let t = tempfile::tempdir().unwrap();
