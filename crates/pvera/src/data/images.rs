@@ -270,7 +270,17 @@ impl RawImage {
     /// on an `L` or `RGB` image with Pillow 13 (which runs the vertical pass first when the height
     /// shrinks by more than twice as many pixels as the width; Pillow 12 and older always ran the
     /// horizontal pass first, which can differ by one grey level in those cases).
-    pub fn resize(&self, width: usize, height: usize, filter: Resample) -> RawImage {
+    pub fn resize(&self, width: usize, height: usize, filter: Resample) -> Result<RawImage> {
+        if width == 0 || height == 0 {
+            return Err(Error::Model(format!(
+                "cannot resize a {}x{} image to {width}x{height}: sizes must be at least 1",
+                self.width, self.height
+            )));
+        }
+        Ok(self.resize_unchecked(width, height, filter))
+    }
+
+    fn resize_unchecked(&self, width: usize, height: usize, filter: Resample) -> RawImage {
         let c = self.channels;
         let need_h = width != self.width;
         let need_v = height != self.height;
@@ -658,7 +668,7 @@ impl ImagePreprocess {
                         img.width, img.height, self.resize
                     )));
                 }
-                img.resize(w, h, self.resample)
+                img.resize(w, h, self.resample)?
             }
         };
         let Some((ch, cw)) = self.center_crop else { return Ok(resized) };
@@ -945,7 +955,12 @@ impl ImageFolder {
 fn walk_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut dirs: Vec<(String, PathBuf)> = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
+    // Symbolic links are followed (as torchvision does); a link back to a visited folder is not.
+    let mut seen = std::collections::HashSet::new();
     while let Some(d) = stack.pop() {
+        if !seen.insert(std::fs::canonicalize(&d).map_err(|e| Error::io(&d, e))?) {
+            continue;
+        }
         for entry in std::fs::read_dir(&d).map_err(|e| Error::io(&d, e))? {
             let entry = entry.map_err(|e| Error::io(&d, e))?;
             let p = entry.path();
@@ -1020,14 +1035,15 @@ mod tests {
     #[test]
     fn identity_resize_is_a_copy() {
         let img = RawImage::new(3, 2, 1, vec![1, 2, 3, 4, 5, 6]).unwrap();
-        assert_eq!(img.resize(3, 2, Resample::Bicubic), img);
+        assert_eq!(img.resize(3, 2, Resample::Bicubic).unwrap(), img);
+        assert!(img.resize(0, 2, Resample::Bicubic).is_err());
     }
 
     #[test]
     fn constant_image_stays_constant() {
         let img = RawImage::new(7, 5, 3, vec![200; 105]).unwrap();
         for f in [Resample::Bilinear, Resample::Bicubic, Resample::Lanczos, Resample::Box, Resample::Hamming] {
-            let r = img.resize(13, 4, f);
+            let r = img.resize(13, 4, f).unwrap();
             assert!(r.data.iter().all(|&v| v == 200), "{f:?}");
         }
     }

@@ -19,6 +19,7 @@
 //! `i64` tensor `(batch, block_size)` equal to `input_ids` (the model shifts them, as transformers
 //! does).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -155,6 +156,36 @@ impl Dataset for Subset {
     fn device(&self) -> &Device {
         self.inner.device()
     }
+}
+
+/// Opens image-classification data at `path`, whichever layout it has:
+/// - an IDX images file (`*-images-idx3-ubyte[.gz]`), paired with the `*-labels-idx1-ubyte[.gz]`
+///   beside it;
+/// - a folder holding `train-images-idx3-ubyte[.gz]` (+ labels): its `train` split;
+/// - otherwise a folder of class sub-folders ([`images::ImageFolder`]).
+pub fn open_image_classification(
+    path: &Path,
+    preprocess: images::ImagePreprocess,
+    device: &Device,
+) -> Result<Arc<dyn Dataset>> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if path.is_file() && name.contains("-images-idx3-ubyte") {
+        let labels_name = name.replace("-images-idx3-ubyte", "-labels-idx1-ubyte");
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let candidates = [dir.join(&labels_name), dir.join(labels_name.trim_end_matches(".gz")), dir.join(format!("{labels_name}.gz"))];
+        let labels = candidates.iter().find(|p| p.is_file()).ok_or_else(|| {
+            Error::Model(format!(
+                "{}: no labels file beside it (looked for {}); put the matching *-labels-idx1-ubyte file next to it",
+                path.display(),
+                candidates[0].display()
+            ))
+        })?;
+        return Ok(Arc::new(idx::IdxDataset::open(path, labels, preprocess, device)?));
+    }
+    if ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"].iter().any(|f| path.join(f).is_file()) {
+        return Ok(Arc::new(idx::IdxDataset::open_dir(path, "train", preprocess, device)?));
+    }
+    Ok(Arc::new(images::ImageFolder::open(path, preprocess, device)?))
 }
 
 /// Errors for an index past the end (names the caller, the index and the length).

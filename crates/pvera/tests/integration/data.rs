@@ -12,7 +12,7 @@ use pvera::data::text::{
     read_csv, CausalLm, CausalLmOptions, Columns, LabelMap, Padding, TextClassification, TextTokenizer,
     TokenizeOptions,
 };
-use pvera::data::{Dataset, Subset, Task};
+use pvera::data::{open_image_classification, Dataset, Subset, Task};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -343,6 +343,14 @@ fn idx_files_gz_and_raw_match_the_generator() {
     let test = IdxDataset::open_dir(&d, "t10k", ImagePreprocess::vit(), &Device::Cpu).unwrap();
     assert_eq!(test.class_ids().unwrap(), as_u32s(&e["idx"]["t10k_labels"]));
 
+    // open_image_classification recognises every layout.
+    let dev = Device::Cpu;
+    assert_eq!(open_image_classification(&d, ImagePreprocess::vit(), &dev).unwrap().len(), 5);
+    let f = d.join("t10k-images-idx3-ubyte");
+    assert_eq!(open_image_classification(&f, ImagePreprocess::vit(), &dev).unwrap().len(), 3);
+    let folder = open_image_classification(&dir().join("images"), ImagePreprocess::vit(), &dev).unwrap();
+    assert_eq!(folder.label_names().unwrap(), ["bird", "cat", "dog"]);
+
     // Outside a "fashion" path the class names are the label values.
     let t = tempfile::tempdir().unwrap();
     for f in ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"] {
@@ -385,6 +393,9 @@ fn bad_idx_files_name_the_file_and_the_problem() {
     assert!(msg.contains("train-images-idx3-ubyte.gz") && msg.contains("gzip"), "{msg}");
     let msg = err_text(IdxDataset::open_dir(p, "valid", ImagePreprocess::vit(), &Device::Cpu));
     assert!(msg.contains("valid-images-idx3-ubyte"), "{msg}");
+    std::fs::copy(d.join("t10k-images-idx3-ubyte"), p.join("lonely-images-idx3-ubyte")).unwrap();
+    let msg = err_text(open_image_classification(&p.join("lonely-images-idx3-ubyte"), ImagePreprocess::vit(), &Device::Cpu).map(|d| d.len()));
+    assert!(msg.contains("lonely-labels-idx1-ubyte"), "{msg}");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -475,28 +486,29 @@ fn jsonl_integer_labels_and_a_shared_label_map() {
 fn bad_text_files_name_the_line_and_the_fix() {
     let tok = tokenizer(Padding::Longest);
     let t = tempfile::tempdir().unwrap();
-    let open = |name: &str, content: &str| {
+    // The error message of opening `content` as `name`.
+    let open = |name: &str, content: &str| -> String {
         let p = t.path().join(name);
         std::fs::write(&p, content).unwrap();
-        TextClassification::from_file(&p, &Columns::default(), &tok, None, &Device::Cpu)
+        err_text(TextClassification::from_file(&p, &Columns::default(), &tok, None, &Device::Cpu))
     };
-    let msg = err_text(open("a.csv", "text,label\nhello,ham\n\"\",spam\n"));
+    let msg = open("a.csv", "text,label\nhello,ham\n\"\",spam\n");
     assert!(msg.contains("a.csv:3") && msg.contains("empty text"), "{msg}");
-    let msg = err_text(open("b.csv", "sentence,label\nhello,ham\n"));
+    let msg = open("b.csv", "sentence,label\nhello,ham\n");
     assert!(msg.contains("b.csv") && msg.contains("no `text` column") && msg.contains("`sentence`"), "{msg}");
-    let msg = err_text(open("c.csv", "text,label\nhello,ham\nhello,there,ham\n"));
+    let msg = open("c.csv", "text,label\nhello,ham\nhello,there,ham\n");
     assert!(msg.contains("c.csv:3") && msg.contains("malformed"), "{msg}");
-    let msg = err_text(open("d.jsonl", "{\"text\": \"hi\", \"label\": 1}\n{\"text\": \"  \", \"label\": 0}\n"));
+    let msg = open("d.jsonl", "{\"text\": \"hi\", \"label\": 1}\n{\"text\": \"  \", \"label\": 0}\n");
     assert!(msg.contains("d.jsonl:2") && msg.contains("empty text"), "{msg}");
-    let msg = err_text(open("e.jsonl", "{\"text\": \"hi\", \"label\": 1}\n{\"text\": \"x\", \"label\": 1.5}\n"));
+    let msg = open("e.jsonl", "{\"text\": \"hi\", \"label\": 1}\n{\"text\": \"x\", \"label\": 1.5}\n");
     assert!(msg.contains("e.jsonl:2") && msg.contains("string or an integer"), "{msg}");
-    let msg = err_text(open("f.jsonl", "{\"text\": \"hi\", \"label\": 1}\nnot json\n"));
+    let msg = open("f.jsonl", "{\"text\": \"hi\", \"label\": 1}\nnot json\n");
     assert!(msg.contains("f.jsonl:2") && msg.contains("JSON"), "{msg}");
-    let msg = err_text(open("g.jsonl", "{\"body\": \"hi\", \"label\": 1}\n"));
+    let msg = open("g.jsonl", "{\"body\": \"hi\", \"label\": 1}\n");
     assert!(msg.contains("g.jsonl:1") && msg.contains("no `text` key") && msg.contains("`body`"), "{msg}");
-    let msg = err_text(open("h.csv", "text,label\n"));
+    let msg = open("h.csv", "text,label\n");
     assert!(msg.contains("no records"), "{msg}");
-    let msg = err_text(open("i.txt", "hello"));
+    let msg = open("i.txt", "hello");
     assert!(msg.contains(".csv") && msg.contains(".jsonl"), "{msg}");
 
     // Tokenizer problems: an unknown pad token, and a tokenizer with none at all.
