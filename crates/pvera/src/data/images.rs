@@ -9,18 +9,19 @@
 //!    are composited onto white, exactly as transformers' `convert_to_rgb` does with
 //!    `Image.alpha_composite` (PNG `tRNS` transparency included);
 //! 2. resize, either the shortest edge to N (the long edge to `int(N * long / short)`) or to an
-//!    exact height x width, with Pillow's resampling filters ported exactly (`ImagingResample`:
-//!    separable horizontal-then-vertical passes, 22-bit fixed-point coefficients, 8-bit
-//!    intermediate image), so resized pixels are identical to `PIL.Image.resize`;
+//!    exact height x width, with Pillow 13's resampling ported exactly (`ImagingResample`:
+//!    separable passes, horizontal first unless the height shrinks by more than twice as many
+//!    pixels as the width, 22-bit fixed-point coefficients, 8-bit intermediate image), so resized
+//!    pixels are identical to `PIL.Image.resize`;
 //! 3. centre crop (`top = (h - crop_h) // 2`, zero padding when the image is smaller);
 //! 4. rescale (`u8 as f64 * factor`, cast to f32) and normalise (`(x - mean) / std` in f32).
 //!
 //! Given the same decoded pixels, the output equals transformers' PIL backend bit for bit (the
 //! integration tests check hashes written by `tools/make_data_fixtures.py`). PNG decoding is
-//! lossless and therefore identical; JPEG decoding uses `zune-jpeg`, which may differ from
-//! libjpeg-turbo by a few grey levels on some pixels. transformers 5's default *torchvision* backend
-//! resizes differently (bicubic in f32 without 8-bit rounding); `tools/measure_preprocess.py`
-//! reports the difference.
+//! lossless and therefore identical; JPEG decoding uses `zune-jpeg`, which differs from PIL's
+//! libjpeg-turbo on about 1 % of pixels by at most 3 grey levels (measured on real photos).
+//! transformers 5's default *torchvision* backend resizes differently (its own antialiased
+//! kernels), by up to one grey level on PNG input; `tools/measure_preprocess.py` measures both.
 //!
 //! # Folder layout
 //! [`ImageFolder`] reads torchvision's `ImageFolder` layout: `root/<class>/**/<image>`, classes are
