@@ -21,6 +21,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod inject;
 pub mod layer;

@@ -1,9 +1,10 @@
 //! The integration-test binary: PEFT parity on golden fixtures, adapter lifecycle, checkpoints,
-//! model families against transformers, training.
+//! model families against transformers, data loading, training.
 
 mod bad_input;
 mod common;
 mod crash_safety;
+mod data;
 mod lifecycle;
 mod models_bert;
 mod models_decoders;
