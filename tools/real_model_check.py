@@ -219,6 +219,8 @@ def temper(pm) -> None:
     2.9 between two identical calls and by 8.6 for a 1e-6 input perturbation, so no implementation could be compared
     there. A tempered lambda_d keeps sampling meaningful (see figures["sampling_effect@..."]) and well conditioned.
     """
+    import torch
+
     with torch.no_grad():
         for _, layer in pvera_layers(pm):
             for p in layer.pvera_lambda_d.values():
