@@ -147,21 +147,23 @@ pub fn read_safetensors(
     parse_safetensors(&bytes, &path.display().to_string(), device)
 }
 
+/// What to do about a file the `safetensors` crate rejects.
+const SAFETENSORS_FIX: &str = "the file is truncated, was edited, or was not written by safetensors; \
+     copy or download it again, or re-save the adapter with save_pretrained";
+
 /// Parses safetensors bytes (see [`read_safetensors`]); `file` names the source in errors.
 pub fn parse_safetensors(
     bytes: &[u8],
     file: &str,
     device: &Device,
 ) -> Result<(BTreeMap<String, StoredTensor>, HashMap<String, String>)> {
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
+    let invalid = |e: safetensors::SafeTensorError| Error::Safetensors {
         file: file.to_string(),
-        reason: format!("{e} (the file is truncated or not written by safetensors)"),
-    })?;
+        reason: format!("{e} ({SAFETENSORS_FIX})"),
+    };
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(invalid)?;
     let metadata = meta.metadata().clone().unwrap_or_default();
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
-        file: file.to_string(),
-        reason: e.to_string(),
-    })?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(invalid)?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let t = view_to_tensor(&view, file, &name, device)?;

@@ -5,6 +5,8 @@ mod bad_input;
 mod common;
 mod crash_safety;
 mod data;
+mod error_catalogue;
+mod fuzz;
 mod lifecycle;
 mod models_bert;
 mod models_decoders;
