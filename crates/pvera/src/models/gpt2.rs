@@ -15,12 +15,11 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use serde_json::Value;
 
 use super::common::{Activation, Embedding, LayerNorm};
 use super::llama::{
-    architectures_allow, cfg_activation, cfg_bool, cfg_pos_f64, check_ids, check_token_inputs, explicitly_lm, opt_usize, req_usize,
-    CausalMask,
+    cfg_activation, decoder_layout, cfg_bool, cfg_pos_f64, check_ids, check_token_inputs, explicitly_lm, opt_usize, req_usize,
+    CausalMask, Head, Layout,
 };
 use super::loader::ModelDir;
 use super::{ModelInputs, ModelOutputs};
@@ -88,47 +87,11 @@ impl Gpt2Config {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Head {
-    None,
-    Own,
-    Tied,
-}
-
-#[derive(Clone, Debug)]
-struct Layout {
-    prefix: Option<String>,
-    head: Head,
-    class_name: String,
-}
-
 const LM_CLASSES: &[&str] = &["GPT2LMHeadModel", "GPT2DoubleHeadsModel"];
 
 fn layout(dir: &ModelDir) -> Layout {
-    let prefix = dir.detect_prefix("wte.weight");
-    let tied = match dir.config.get("tie_word_embeddings") {
-        Some(Value::Bool(b)) => *b,
-        _ => true, // GPT2Config's default
-    };
-    let head = match &prefix {
-        None => Head::None,
-        Some(_) if dir.names.contains("lm_head.weight") => Head::Own,
-        Some(_) if tied && architectures_allow(dir, LM_CLASSES) => Head::Tied,
-        Some(_) => Head::None,
-    };
-    let class_name = match (&prefix, &head) {
-        (None, _) => "GPT2Model".to_string(),
-        (Some(_), Head::Own | Head::Tied) => "GPT2LMHeadModel".to_string(),
-        (Some(_), Head::None) => dir
-            .config
-            .get("architectures")
-            .and_then(Value::as_array)
-            .and_then(|a| a.first())
-            .and_then(Value::as_str)
-            .unwrap_or("GPT2Model")
-            .to_string(),
-    };
-    Layout { prefix, head, class_name }
+    // GPT2Config ties the head by default.
+    decoder_layout(dir, "wte.weight", true, LM_CLASSES, "GPT2Model", "GPT2LMHeadModel")
 }
 
 #[derive(Clone, Debug)]

@@ -461,7 +461,7 @@ impl LlamaConfig {
 
 /// How the checkpoint holds the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Head {
+pub(crate) enum Head {
     /// No LM head (`LlamaModel`).
     None,
     /// The checkpoint's own `lm_head.weight`.
@@ -470,37 +470,53 @@ enum Head {
     Tied,
 }
 
+/// Where a decoder checkpoint keeps its base model and LM head.
 #[derive(Clone, Debug)]
-struct Layout {
-    prefix: Option<String>,
-    head: Head,
-    class_name: String,
+pub(crate) struct Layout {
+    pub(crate) prefix: Option<String>,
+    pub(crate) head: Head,
+    pub(crate) class_name: String,
 }
 
 const CAUSAL_CLASSES: &[&str] = &["LlamaForCausalLM"];
 
 fn layout(dir: &ModelDir) -> Layout {
-    let prefix = dir.detect_prefix("embed_tokens.weight");
+    decoder_layout(dir, "embed_tokens.weight", false, CAUSAL_CLASSES, "LlamaModel", "LlamaForCausalLM")
+}
+
+/// The layout of a decoder checkpoint: the task prefix found through `probe` (the embedding
+/// weight), an LM head of its own, a tied one (when `tie_word_embeddings`, default
+/// `tied_default`, and `architectures` allow one of `lm_classes`), or none; and the class name
+/// PEFT records.
+pub(crate) fn decoder_layout(
+    dir: &ModelDir,
+    probe: &str,
+    tied_default: bool,
+    lm_classes: &[&str],
+    base_class: &str,
+    lm_class: &str,
+) -> Layout {
+    let prefix = dir.detect_prefix(probe);
     let tied = match dir.config.get("tie_word_embeddings") {
         Some(Value::Bool(b)) => *b,
-        _ => false,
+        _ => tied_default,
     };
     let head = match &prefix {
         None => Head::None,
         Some(_) if dir.names.contains("lm_head.weight") => Head::Own,
-        Some(_) if tied && architectures_allow(dir, CAUSAL_CLASSES) => Head::Tied,
+        Some(_) if tied && architectures_allow(dir, lm_classes) => Head::Tied,
         Some(_) => Head::None,
     };
     let class_name = match (&prefix, &head) {
-        (None, _) => "LlamaModel".to_string(),
-        (Some(_), Head::Own | Head::Tied) => "LlamaForCausalLM".to_string(),
+        (None, _) => base_class.to_string(),
+        (Some(_), Head::Own | Head::Tied) => lm_class.to_string(),
         (Some(_), Head::None) => dir
             .config
             .get("architectures")
             .and_then(Value::as_array)
             .and_then(|a| a.first())
             .and_then(Value::as_str)
-            .unwrap_or("LlamaModel")
+            .unwrap_or(base_class)
             .to_string(),
     };
     Layout { prefix, head, class_name }

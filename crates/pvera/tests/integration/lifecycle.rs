@@ -271,8 +271,6 @@ fn inactive_and_inference_adapters_are_frozen() {
 fn several_active_adapters_sum_and_merging_them_matches() {
     let mut pm = same_prng();
     let x = input();
-    let base = pm.with_adapters_disabled(|m| m.model().forward(&x).unwrap()).unwrap();
-    let _ = base;
     pm.set_adapter(&["default", "other"]).unwrap();
     let both = pm.model().forward(&x).unwrap();
     // Merged forward equals the unmerged one; sequential merges equal one batch merge.
@@ -293,8 +291,6 @@ fn several_active_adapters_sum_and_merging_them_matches() {
     assert!(pm.delete_adapter("other").is_err());
     pm.unmerge_adapter().unwrap();
     let w0 = pm.registry().site("lin1").unwrap().weight().unwrap();
-    let orig = Case::load("mlp_list").t("input").clone();
-    let _ = orig;
     let (_, reg0, _) = mlp();
     assert!(max_abs_diff(&w0, &reg0.site("lin1").unwrap().weight().unwrap()) < 1e-6);
 }
