@@ -350,17 +350,7 @@ impl Dinov2Model {
     /// Forward pass: `last_hidden_state` after the final `layernorm`; `pooler_output` is its
     /// class token, as `Dinov2Model` returns it.
     pub fn forward(&self, inputs: &ModelInputs) -> Result<ModelOutputs> {
-        let px = inputs.pixel_values.as_ref().ok_or_else(|| Error::MissingTensor {
-            file: "inputs".into(),
-            key: "pixel_values".into(),
-            hint: " (DINOv2 takes images: pixel_values (batch, channels, height, width))".into(),
-        })?;
-        let px = self.patch_embeddings.check(px, self.dtype)?;
-        let (b, _, h, w) = px.dims4()?;
-        let patches = self.patch_embeddings.forward(&px)?;
-        let hidden = patches.dim(2)?;
-        let cls = self.cls_token.broadcast_as((b, 1, hidden))?;
-        let x = Tensor::cat(&[cls, patches], 1)?;
+        let (x, h, w) = self.patch_embeddings.tokens(inputs, &self.cls_token, self.dtype, "DINOv2")?;
         let (rows, columns) = self.patch_embeddings.grid(h, w);
         // Dinov2Embeddings casts the grid to f32 for the resize and back
         let pos = interpolate_pos_encoding(&self.position_embeddings, rows, columns, h, w, true)?;

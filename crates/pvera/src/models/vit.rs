@@ -198,6 +198,29 @@ pub(crate) struct PatchEmbeddings {
 }
 
 impl PatchEmbeddings {
+    /// The first step of ViT and DINOv2: reads `pixel_values` (naming the family in the error),
+    /// embeds the patches and puts the class token in front. Returns the token sequence
+    /// (batch, 1 + patches, hidden) and the input's height and width.
+    pub(crate) fn tokens(
+        &self,
+        inputs: &ModelInputs,
+        cls_token: &Tensor,
+        dtype: DType,
+        family: &str,
+    ) -> Result<(Tensor, usize, usize)> {
+        let px = inputs.pixel_values.as_ref().ok_or_else(|| Error::MissingTensor {
+            file: "inputs".into(),
+            key: "pixel_values".into(),
+            hint: format!(" ({family} takes images: pixel_values (batch, channels, height, width))"),
+        })?;
+        let px = self.check(px, dtype)?;
+        let (b, _, h, w) = px.dims4()?;
+        let patches = self.forward(&px)?;
+        let hidden = patches.dim(2)?;
+        let cls = cls_token.broadcast_as((b, 1, hidden))?;
+        Ok((Tensor::cat(&[cls, patches], 1)?, h, w))
+    }
+
     /// Reads `projection.weight` (hidden, C, ph, pw) and `projection.bias` under `vb`.
     pub(crate) fn new(vb: &Builder<'_>, channels: usize, hidden: usize, patch: (usize, usize)) -> Result<Self> {
         let vb = vb.pp("projection");
@@ -507,17 +530,7 @@ impl VitModel {
     /// Forward pass: `last_hidden_state` after the final layernorm, `pooler_output` when the
     /// model has a pooler.
     pub fn forward(&self, inputs: &ModelInputs) -> Result<ModelOutputs> {
-        let px = inputs.pixel_values.as_ref().ok_or_else(|| Error::MissingTensor {
-            file: "inputs".into(),
-            key: "pixel_values".into(),
-            hint: " (ViT takes images: pixel_values (batch, channels, height, width))".into(),
-        })?;
-        let px = self.patch_embeddings.check(px, self.dtype)?;
-        let (b, _, h, w) = px.dims4()?;
-        let patches = self.patch_embeddings.forward(&px)?;
-        let hidden = patches.dim(2)?;
-        let cls = self.cls_token.broadcast_as((b, 1, hidden))?;
-        let x = Tensor::cat(&[cls, patches], 1)?;
+        let (x, h, w) = self.patch_embeddings.tokens(inputs, &self.cls_token, self.dtype, "ViT")?;
         let pos = if (h, w) == self.image_size {
             self.position_embeddings.clone()
         } else {
