@@ -23,7 +23,7 @@ use candle_core::{DType, Tensor, Var};
 use crate::error::{Error, Result};
 use crate::projection::Projections;
 use crate::rng::TorchGenerator;
-use crate::state::{KlTerm, Mode, RunState, Sampling};
+use crate::state::{ForwardView, KlTerm, Mode, RunState, Sampling};
 
 /// How the base weight is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -630,7 +630,8 @@ impl Site {
         let x2 = x.reshape((n, self.in_features))?;
         let in_dtype = x.dtype();
 
-        if self.state.adapters_disabled() {
+        let view = self.state.forward_view();
+        if view.disabled {
             if !self.read()?.merged.is_empty() {
                 self.unmerge()?;
             }
@@ -641,7 +642,7 @@ impl Site {
         }
 
         let g = self.read()?;
-        let active = self.state.active_adapters();
+        let active = &view.active;
         // modules_to_save: the first active adapter with a copy replaces the whole layer.
         if let Some(copy) = active.iter().find_map(|a| g.copies.get(a)) {
             let y = self.base_forward(&x2, copy.weight.as_tensor(), copy.bias.as_ref().map(|b| b.as_tensor()))?;
@@ -652,10 +653,9 @@ impl Site {
         if !g.merged.is_empty() {
             return finish(y, lead, self.out_features, in_dtype);
         }
-        let mode = self.state.mode();
-        let sampling = self.state.sampling();
+
         let mut xf: Option<Tensor> = None;
-        for name in &active {
+        for name in active {
             let Some(slot) = g.adapters.get(name) else { continue };
             let x32 = match &xf {
                 Some(t) => t.clone(),
@@ -665,7 +665,7 @@ impl Site {
                     t
                 }
             };
-            let delta = self.adapter_delta(slot, name, &x32, mode, sampling)?;
+            let delta = self.adapter_delta(slot, name, &x32, &view)?;
             if y.dtype() != DType::F32 {
                 y = y.to_dtype(DType::F32)?;
             }
@@ -679,10 +679,9 @@ impl Site {
         slot: &AdapterSlot,
         name: &str,
         x32: &Tensor,
-        mode: Mode,
-        sampling: Sampling,
+        view: &ForwardView,
     ) -> Result<Tensor> {
-        let training = mode == Mode::Train;
+        let training = view.mode == Mode::Train;
         let n = x32.dims()[0];
         let r = slot.r;
         let p = &slot.projections;
@@ -699,7 +698,7 @@ impl Site {
         let h = xd.matmul(&a_t)?.broadcast_mul(slot.lambda_d.as_tensor())?; // (n, 2R)
         let mu = h.narrow(1, 0, r)?;
         let sample = training
-            || match sampling {
+            || match view.sampling {
                 Sampling::FromConfig => slot.sample_at_inference,
                 Sampling::Always => true,
                 Sampling::Never => false,
@@ -712,7 +711,7 @@ impl Site {
             };
             let eps = Tensor::from_vec(eps, (n, r), x32.device())?;
             let std = (&logvar * 0.5)?.exp()?;
-            if training && self.state.collect_kl() {
+            if training && view.collect_kl {
                 let kl = kl_term(&mu, &logvar)?;
                 self.state.push_kl(KlTerm {
                     module: self.path.clone(),

@@ -58,6 +58,21 @@ pub struct KlTerm {
     pub value: Tensor,
 }
 
+/// A consistent snapshot of the flags a forward pass reads.
+#[derive(Clone, Debug)]
+pub struct ForwardView {
+    /// Train or eval.
+    pub mode: Mode,
+    /// Sampling override.
+    pub sampling: Sampling,
+    /// Active adapters, in order.
+    pub active: Vec<String>,
+    /// Adapters disabled.
+    pub disabled: bool,
+    /// Record KL terms in training.
+    pub collect_kl: bool,
+}
+
 #[derive(Debug)]
 struct Flags {
     mode: Mode,
@@ -102,6 +117,26 @@ impl RunState {
             }),
             kl: Mutex::new(Vec::new()),
             global: Mutex::new(TorchGenerator::new(seed)),
+        }
+    }
+
+    /// Everything a layer's forward pass reads, under one lock.
+    pub fn forward_view(&self) -> ForwardView {
+        match self.flags.read() {
+            Ok(f) => ForwardView {
+                mode: f.mode,
+                sampling: f.sampling,
+                active: f.active.clone(),
+                disabled: f.disabled,
+                collect_kl: f.collect_kl,
+            },
+            Err(_) => ForwardView {
+                mode: Mode::Eval,
+                sampling: Sampling::FromConfig,
+                active: Vec::new(),
+                disabled: false,
+                collect_kl: true,
+            },
         }
     }
 
