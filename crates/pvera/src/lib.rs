@@ -17,6 +17,7 @@
 //! - [`checkpoint`]: PEFT's file and key names, atomic saving.
 //! - [`models`]: model families built through the builder, task heads.
 //! - [`train`]: AdamW, schedules and the training loop.
+//! - [`uncertainty`]: Monte Carlo prediction, intervals, calibration, OOD scores.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
@@ -32,6 +33,7 @@ pub mod rng;
 pub mod state;
 pub mod targets;
 pub mod train;
+pub mod uncertainty;
 
 pub use config::PveraConfig;
 pub use error::{Error, Result};

@@ -928,6 +928,58 @@ impl<M> PeftModel<M> {
         Ok(())
     }
 
+    /// Switches sampling at inference at run time for adapter `adapter`: in every adapted layer
+    /// (`modules = None`) or in the layers whose module path equals, or ends with `.` + one of,
+    /// `modules` (the matching of the config's per-module `sample_at_inference` dict). Returns the
+    /// module paths switched. Every name is checked before anything changes: a module no layer of
+    /// the adapter matches is an error (a typo is not silently ignored) and leaves all flags as
+    /// they were.
+    pub fn set_sample_at_inference(&self, adapter: &str, modules: Option<&[&str]>, on: bool) -> Result<Vec<String>> {
+        if !self.adapters.contains_key(adapter) {
+            return Err(Error::UnknownAdapter { name: adapter.to_string(), known: format!("{:?}", self.adapter_names()) });
+        }
+        let matches = |path: &str, m: &str| {
+            path == m || (path.len() > m.len() && path.ends_with(m) && path.as_bytes()[path.len() - m.len() - 1] == b'.')
+        };
+        let mut switched = Vec::new();
+        let mut used = vec![false; modules.map_or(0, <[&str]>::len)];
+        for lin in self.registry.sites() {
+            let site = lin.site();
+            if !site.has_adapter(adapter)? {
+                continue;
+            }
+            let hit = match modules {
+                None => true,
+                Some(ms) => {
+                    let mut any = false;
+                    for (k, m) in ms.iter().enumerate() {
+                        if matches(site.path(), m) {
+                            used[k] = true;
+                            any = true;
+                        }
+                    }
+                    any
+                }
+            };
+            if hit {
+                switched.push(lin.clone());
+            }
+        }
+        if let Some(ms) = modules {
+            if let Some(k) = used.iter().position(|u| !u) {
+                return Err(Error::Adapter(format!(
+                    "set_sample_at_inference: no layer of adapter `{adapter}` matches module `{}`; adapted layers: {:?}",
+                    ms[k],
+                    self.registry.sites().iter().map(|l| l.site().path()).collect::<Vec<_>>()
+                )));
+            }
+        }
+        for lin in &switched {
+            lin.site().set_sample_at_inference(adapter, on)?;
+        }
+        Ok(switched.iter().map(|l| l.site().path().to_string()).collect())
+    }
+
     /// Disables (true) or re-enables (false) every adapter; the base model's output results,
     /// except for trained biases (`bias` != none), which PEFT does not restore either.
     pub fn set_adapters_disabled(&mut self, disabled: bool) -> Result<()> {

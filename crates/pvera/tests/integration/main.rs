@@ -13,3 +13,4 @@ mod models_decoders;
 mod models_vision;
 mod peft_parity;
 mod train;
+mod uncertainty;
