@@ -17,13 +17,15 @@
 
 mod infer;
 mod inspect;
+mod predict;
 mod train;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// PVeRA adapters with exact Hugging Face PEFT parity: train, inspect, verify, infer, merge.
+/// PVeRA adapters with exact Hugging Face PEFT parity: train, predict with uncertainty, evaluate
+/// calibration, inspect, verify, infer, merge.
 #[derive(Parser, Debug)]
 #[command(name = "pvera", version, about, long_about = None)]
 struct Cli {
@@ -45,6 +47,12 @@ enum Command {
     Merge(infer::MergeArgs),
     /// Fine-tune a frozen model with a new PVeRA adapter (image / text classification, causal LM).
     Train(Box<train::TrainArgs>),
+    /// Classify images or texts with Monte Carlo sampling of the adapter's latent: class,
+    /// probability, Student-t interval, entropy and mutual information per input.
+    Predict(Box<predict::PredictArgs>),
+    /// Calibration (accuracy, NLL, Brier, ECE, reliability diagram) of mean-mode vs Monte Carlo
+    /// predictions on a labelled set, and out-of-distribution AUROC against a second set.
+    Eval(Box<predict::EvalArgs>),
 }
 
 /// Exit code for a library error (see the crate docs).
@@ -96,6 +104,8 @@ fn main() -> ExitCode {
         Command::Infer(args) => infer::run_infer(args),
         Command::Merge(args) => infer::run_merge(args),
         Command::Train(args) => train::run(*args),
+        Command::Predict(args) => predict::run_predict(*args),
+        Command::Eval(args) => predict::run_eval(*args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -458,6 +458,15 @@ fn run_classification(
         if plan.rest.is_empty() { String::new() } else { format!(" / unused {}", plan.rest.len()) }
     );
     std::fs::write(args.output.join("labels.json"), serde_json::to_string_pretty(&train.labels)? + "\n")?;
+    // What `pvera predict` / `pvera eval` need to rebuild the classifier around best/ or last/.
+    let meta = serde_json::json!({
+        "task": if text { "text-classification" } else { "image-classification" },
+        "model_type": mt,
+        "labels": train.labels,
+        "pooling": pooling_name,
+        "max_length": tok.as_ref().map(TextTokenizer::max_length),
+    });
+    std::fs::write(args.output.join("pvera_task.json"), serde_json::to_string_pretty(&meta)? + "\n")?;
 
     let state = Arc::new(RunState::new(args.seed));
     let (model, registry, info) = Classifier::load(dir, train.labels.len(), pooling, dtype, device, state, args.seed)
