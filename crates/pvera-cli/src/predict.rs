@@ -112,9 +112,14 @@ pub struct EvalArgs {
     /// .jsonl/.csv `text` column).
     #[arg(long)]
     pub ood: Option<String>,
-    /// Evaluate a seeded random subset of N examples (and at most N OOD inputs).
+    /// Evaluate a seeded random subset of N examples (with --held-out-of: the first N unused
+    /// examples, as `pvera train --eval-held-out N` does), and at most N OOD inputs.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Evaluate only the examples `pvera train --output DIR` left unused (its split.json; --data must
+    /// be the same file it trained on).
+    #[arg(long)]
+    pub held_out_of: Option<PathBuf>,
     /// Bins of the reliability diagram and the ECE.
     #[arg(long, default_value_t = 15)]
     pub bins: usize,
@@ -767,7 +772,35 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
             d
         }
     };
-    let idx = subset(data.len(), args.limit, args.common.seed);
+    let idx = match &args.held_out_of {
+        Some(dir) => {
+            let f = dir.join("split.json");
+            let v = read_json(&f)?;
+            let n = v.get("examples").and_then(|x| x.as_u64()).unwrap_or(u64::MAX);
+            if n != data.len() as u64 {
+                usage!(
+                    "--held-out-of {}: the split is of {n} examples but --data {} has {}; pass the data set that \
+                     run trained on",
+                    dir.display(),
+                    args.data.display(),
+                    data.len()
+                );
+            }
+            let unused: Vec<usize> = v
+                .get("unused")
+                .and_then(|x| x.as_array())
+                .map(|a| a.iter().filter_map(|x| x.as_u64().map(|u| u as usize)).collect())
+                .unwrap_or_default();
+            if unused.is_empty() {
+                usage!("--held-out-of {}: the run left no example unused (train with --train-size)", dir.display());
+            }
+            if let Some(&bad) = unused.iter().find(|&&i| i >= data.len()) {
+                usage!("{}: index {bad} is out of range for {} examples", f.display(), data.len());
+            }
+            unused.into_iter().take(args.limit.unwrap_or(usize::MAX)).collect()
+        }
+        None => subset(data.len(), args.limit, args.common.seed),
+    };
     let labels_seen = std::cell::RefCell::new(vec![0usize; idx.len()]);
     let preds = predict_all(&l, idx.len(), &args.common, "eval", &|c| {
         let b = data.get_batch(&c.iter().map(|&i| idx[i]).collect::<Vec<_>>())?;

@@ -467,6 +467,12 @@ fn run_classification(
         "max_length": tok.as_ref().map(TextTokenizer::max_length),
     });
     std::fs::write(args.output.join("pvera_task.json"), serde_json::to_string_pretty(&meta)? + "\n")?;
+    // The split, so `pvera eval --held-out-of OUT` evaluates exactly the examples training never saw.
+    let split = serde_json::json!({
+        "data": args.data.display().to_string(), "examples": n, "seed": args.seed,
+        "train": plan.train, "validation": plan.val, "unused": plan.rest,
+    });
+    std::fs::write(args.output.join("split.json"), serde_json::to_string(&split)? + "\n")?;
 
     let state = Arc::new(RunState::new(args.seed));
     let (model, registry, info) = Classifier::load(dir, train.labels.len(), pooling, dtype, device, state, args.seed)

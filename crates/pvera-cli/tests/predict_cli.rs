@@ -206,3 +206,39 @@ fn bad_predict_and_eval_input_gives_clear_errors() {
     let o = pvera(&["eval", "--model", s(&model), "--tokenizer", s(&tok), "--adapter", s(&best), "--data", s(&data), "--bins", "0"]);
     assert_eq!(code(&o), 2, "{}", show(&o));
 }
+
+#[test]
+fn eval_held_out_of_uses_exactly_the_examples_training_left_unused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = spam_jsonl(tmp.path());
+    let out = tmp.path().join("out");
+    let model = fixtures().join("models/bert_tiny/model");
+    let tok = fixtures().join("data/tokenizer.json");
+    let o = pvera(&[
+        "train", "--model", s(&model), "--tokenizer", s(&tok), "--data", s(&data), "--task", "text-classification",
+        "--output", s(&out), "--epochs", "1", "--batch-size", "2", "--r", "8", "--target-modules", "query,value",
+        "--train-size", "5", "--eval-held-out", "3", "--threads", "1",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    let split: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("split.json")).unwrap()).unwrap();
+    assert_eq!(split["unused"].as_array().unwrap().len(), 3);
+    let ev = tmp.path().join("ev");
+    let o = pvera(&[
+        "eval", "--model", s(&model), "--tokenizer", s(&tok), "--adapter", s(&out.join("best")), "--data", s(&data),
+        "--held-out-of", s(&out), "--samples", "4", "--output", s(&ev),
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ev.join("eval.json")).unwrap()).unwrap();
+    let idx: Vec<&serde_json::Value> = r["per_example"].as_array().unwrap().iter().map(|e| &e["index"]).collect();
+    assert_eq!(idx, split["unused"].as_array().unwrap().iter().collect::<Vec<_>>());
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(r["mean_mode"]["accuracy"], m["eval"]["accuracy"]);
+    // another data file is refused
+    let other = tmp.path().join("other.jsonl");
+    std::fs::write(&other, "{\"text\": \"free prize\", \"label\": \"spam\"}\n{\"text\": \"a meeting\", \"label\": \"ham\"}\n").unwrap();
+    let o = pvera(&[
+        "eval", "--model", s(&model), "--tokenizer", s(&tok), "--adapter", s(&out.join("best")), "--data", s(&other),
+        "--held-out-of", s(&out), "--output", s(&ev),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+}
