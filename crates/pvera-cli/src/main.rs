@@ -5,12 +5,14 @@
 //! - 1: any other error
 //! - 2: bad command line (clap)
 //! - 3: `inspect --verify-projections`: stored projections differ from the regenerated ones
-//! - 4: invalid or unreadable config (`adapter_config.json`)
+//! - 4: invalid or unreadable config (`adapter_config.json`), or one whose targets this model lacks
 //! - 5: invalid tensor file (corrupt safetensors, missing/mis-shaped/non-finite tensor)
 //! - 6: file system error (missing directory or file, permissions)
 //! - 7: invalid inputs file for `infer` (unknown tensor names, wrong dtype or shape)
 //! - 8: `train`: training stopped on a non-finite loss, gradient or adapter value (the message names
 //!   the step and the last good checkpoint)
+//! - 9: unsupported model directory (unknown `model_type` or an architecture variant not implemented)
+//! - 10: unusable data set (unreadable image, empty text, unknown label, ...): `train`, `eval`
 //!
 //! `train` also answers 2 for flag values or data it cannot use (a task that does not fit the
 //! model, a split that leaves no examples, ...).
@@ -71,13 +73,18 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
             return match e {
                 pvera::Error::InvalidConfig { .. }
                 | pvera::Error::ConfigParse { .. }
-                | pvera::Error::WrongPeftType { .. } => 4,
+                | pvera::Error::WrongPeftType { .. }
+                | pvera::Error::NoTargetMatched { .. }
+                | pvera::Error::NoDefaultTargets { .. } => 4,
                 pvera::Error::Safetensors { .. }
                 | pvera::Error::MissingTensor { .. }
                 | pvera::Error::ShapeMismatch { .. }
                 | pvera::Error::DtypeMismatch { .. }
-                | pvera::Error::NonFinite { .. } => 5,
+                | pvera::Error::NonFinite { .. }
+                | pvera::Error::UnexpectedTensors { .. } => 5,
                 pvera::Error::Io { .. } => 6,
+                pvera::Error::UnsupportedModel { .. } => 9,
+                pvera::Error::Data(_) => 10,
                 _ => 1,
             };
         }

@@ -200,7 +200,7 @@ fn bad_predict_and_eval_input_gives_clear_errors() {
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"hi\", \"label\": \"eggs\"}\n").unwrap();
     let o = pvera(&["eval", "--model", s(&model), "--tokenizer", s(&tok), "--adapter", s(&best), "--data", s(&bad), "--output", s(&tmp.path().join("e"))]);
-    assert_ne!(code(&o), 0, "{}", show(&o));
+    assert_eq!(code(&o), 10, "{}", show(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("eggs"), "{}", show(&o));
     // --bins 0
     let o = pvera(&["eval", "--model", s(&model), "--tokenizer", s(&tok), "--adapter", s(&best), "--data", s(&data), "--bins", "0"]);
@@ -241,4 +241,38 @@ fn eval_held_out_of_uses_exactly_the_examples_training_left_unused() {
         "--held-out-of", s(&out), "--output", s(&ev),
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+}
+
+#[test]
+fn library_error_classes_map_to_their_exit_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bert = fixtures().join("models/bert_tiny/model");
+    let inputs = tmp.path().join("in.safetensors");
+    // a tiny valid inputs file is not needed: the model fails first
+    std::fs::write(&inputs, b"").unwrap();
+    // 9: unknown model_type
+    let mamba = tmp.path().join("mamba");
+    std::fs::create_dir_all(&mamba).unwrap();
+    std::fs::copy(bert.join("model.safetensors"), mamba.join("model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bert.join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = "mamba".into();
+    std::fs::write(mamba.join("config.json"), cfg.to_string()).unwrap();
+    let o = pvera(&["infer", "--model", s(&mamba), "--inputs", s(&inputs), "--output", s(&tmp.path().join("o"))]);
+    assert_eq!(o.status.code(), Some(9), "{}", show(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("\"mamba\""), "{}", show(&o));
+    // 4: an adapter whose target_modules this model does not have (PEFT's test MLP adapter on BERT)
+    let mlp = fixtures().join("peft/mlp_list/adapter");
+    let o = pvera(&[
+        "infer", "--model", s(&bert), "--adapter", s(&mlp), "--inputs", s(&inputs), "--output", s(&tmp.path().join("o")),
+    ]);
+    assert_eq!(o.status.code(), Some(4), "{}", show(&o));
+    // 10: a data set record that cannot be used
+    let data = tmp.path().join("d.jsonl");
+    std::fs::write(&data, "{\"text\": \"ok\", \"label\": \"a\"}\n{\"text\": \" \", \"label\": \"b\"}\n").unwrap();
+    let o = pvera(&[
+        "train", "--model", s(&bert), "--tokenizer", s(&fixtures().join("data/tokenizer.json")), "--data", s(&data),
+        "--task", "text-classification", "--output", s(&tmp.path().join("t")),
+    ]);
+    assert_eq!(o.status.code(), Some(10), "{}", show(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("d.jsonl:2"), "{}", show(&o));
 }

@@ -96,6 +96,21 @@ pub enum Error {
     /// A model definition problem (unknown module, unsupported layer kind, ...).
     #[error("{0}")]
     Model(String),
+
+    /// An adapter file holds tensors for modules this model does not have or adapt (an adapter
+    /// for another model family or module naming scheme).
+    #[error("{file}: {count} λ tensor(s) belong to modules this model does not adapt: {keys}{hint}")]
+    UnexpectedTensors { file: String, count: usize, keys: String, hint: String },
+
+    /// A model directory this library cannot build (unknown or unsupported `model_type`, or an
+    /// architecture variant not implemented).
+    #[error("{path}: {reason}")]
+    UnsupportedModel { path: String, reason: String },
+
+    /// A data set file or one of its records cannot be used (unreadable image, empty text,
+    /// unknown label, bad split request, ...). The message names the file, the record and the fix.
+    #[error("{0}")]
+    Data(String),
 }
 
 impl Error {

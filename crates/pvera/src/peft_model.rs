@@ -574,7 +574,13 @@ impl<M> PeftModel<M> {
         let AdapterFiles { mut config, tensors, weights_path, .. } = files;
         let file = weights_path.display().to_string();
         config.inference_mode = !is_trainable;
-        config.validate()?;
+        let config_file = weights_path.with_file_name(checkpoint::CONFIG_NAME);
+        config.validate().map_err(|e| match e {
+            Error::InvalidConfig { field, reason } => {
+                Error::InvalidConfig { field, reason: format!("{reason} (in {})", config_file.display()) }
+            }
+            other => other,
+        })?;
         let r = usize::try_from(config.r).map_err(|_| Error::config("r", "must be positive"))?;
 
         // Projections: PEFT regenerates from the key, sized by the matched layers of this model,
@@ -836,13 +842,16 @@ impl<M> PeftModel<M> {
         if !unexpected_lambdas.is_empty() {
             let n = unexpected_lambdas.len();
             let shown: Vec<String> = unexpected_lambdas.iter().take(6).map(|s| s.to_string()).collect();
-            return Err(Error::Adapter(format!(
-                "{file}: {n} λ tensor(s) belong to modules this model does not adapt: {} ... \
-                 The adapter was trained on another model or module naming scheme (targets \
-                 matched here: {:?})",
-                shown.join(", "),
-                info.targets.iter().take(6).collect::<Vec<_>>()
-            )));
+            return Err(Error::UnexpectedTensors {
+                file: file.to_string(),
+                count: n,
+                keys: format!("{}{}", shown.join(", "), if n > shown.len() { " ..." } else { "" }),
+                hint: format!(
+                    ". The adapter was trained on another model or module naming scheme (targets matched here: \
+                     {:?}); load it on the model it was trained for",
+                    info.targets.iter().take(6).collect::<Vec<_>>()
+                ),
+            });
         }
         if !unexpected.is_empty() {
             let shown: Vec<String> = unexpected.iter().take(6).map(|s| s.to_string()).collect();

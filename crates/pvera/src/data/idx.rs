@@ -35,7 +35,7 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     if raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b {
         let mut out = Vec::new();
         flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| {
-            Error::Model(format!(
+            Error::Data(format!(
                 "{}: gzip data is corrupt or truncated ({e}); download the file again",
                 path.display()
             ))
@@ -57,30 +57,30 @@ pub fn parse_idx(bytes: &[u8], expected_dims: usize, name: &str) -> Result<IdxAr
     let fix = "it is not an IDX file such as train-images-idx3-ubyte(.gz) / train-labels-idx1-ubyte(.gz); \
                check the path or download the file again";
     if bytes.len() < 4 {
-        return Err(Error::Model(format!("{name}: {} byte(s), too short for an IDX header; {fix}", bytes.len())));
+        return Err(Error::Data(format!("{name}: {} byte(s), too short for an IDX header; {fix}", bytes.len())));
     }
     if bytes[0] != 0 || bytes[1] != 0 {
-        return Err(Error::Model(format!(
+        return Err(Error::Data(format!(
             "{name}: bad IDX magic {:02x} {:02x} {:02x} {:02x} (must start with 00 00); {fix}",
             bytes[0], bytes[1], bytes[2], bytes[3]
         )));
     }
     if bytes[2] != 0x08 {
-        return Err(Error::Model(format!(
+        return Err(Error::Data(format!(
             "{name}: IDX element type 0x{:02x}, only unsigned bytes (0x08) are supported; {fix}",
             bytes[2]
         )));
     }
     let ndims = bytes[3] as usize;
     if ndims != expected_dims {
-        return Err(Error::Model(format!(
+        return Err(Error::Data(format!(
             "{name}: IDX file has {ndims} dimension(s), expected {expected_dims} ({}); images and labels swapped?",
             if expected_dims == 3 { "images: count, rows, columns" } else { "labels: count" }
         )));
     }
     let header = 4 + 4 * ndims;
     if bytes.len() < header {
-        return Err(Error::Model(format!("{name}: truncated IDX header ({} bytes, need {header}); {fix}", bytes.len())));
+        return Err(Error::Data(format!("{name}: truncated IDX header ({} bytes, need {header}); {fix}", bytes.len())));
     }
     let dims: Vec<usize> = (0..ndims)
         .map(|i| {
@@ -91,10 +91,10 @@ pub fn parse_idx(bytes: &[u8], expected_dims: usize, name: &str) -> Result<IdxAr
     let count = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| Error::Model(format!("{name}: IDX dimensions {dims:?} overflow; {fix}")))?;
+        .ok_or_else(|| Error::Data(format!("{name}: IDX dimensions {dims:?} overflow; {fix}")))?;
     let have = bytes.len() - header;
     if have != count {
-        return Err(Error::Model(format!(
+        return Err(Error::Data(format!(
             "{name}: header says dimensions {dims:?} = {count} bytes of data but the file holds {have}; \
              the file is {} (download it again)",
             if have < count { "truncated" } else { "longer than its header says" }
@@ -127,13 +127,13 @@ impl IdxDataset {
         let lab = read_idx(labels, 1)?;
         let (n, rows, cols) = (img.dims[0], img.dims[1], img.dims[2]);
         if rows == 0 || cols == 0 || n == 0 {
-            return Err(Error::Model(format!(
+            return Err(Error::Data(format!(
                 "{}: empty IDX images ({n} images of {rows}x{cols})",
                 images.display()
             )));
         }
         if lab.dims[0] != n {
-            return Err(Error::Model(format!(
+            return Err(Error::Data(format!(
                 "{} holds {n} images but {} holds {} labels; pair the images file with its own labels file \
                  (train with train, t10k with t10k)",
                 images.display(),
@@ -198,7 +198,7 @@ impl IdxDataset {
     pub fn with_class_names(mut self, names: Vec<String>) -> Result<Self> {
         let needed = self.labels.iter().copied().max().map_or(0, |m| m as usize + 1);
         if names.len() < needed {
-            return Err(Error::Model(format!(
+            return Err(Error::Data(format!(
                 "{}: {} class name(s) given but labels go up to {}; give one name per class id",
                 self.images_path.display(),
                 names.len(),

@@ -87,12 +87,12 @@ impl Resample {
             4 => Resample::Box,
             5 => Resample::Hamming,
             0 => {
-                return Err(Error::Model(
+                return Err(Error::Data(
                     "resample 0 (NEAREST) is not supported; use 2 (BILINEAR) or 3 (BICUBIC)".into(),
                 ))
             }
             other => {
-                return Err(Error::Model(format!(
+                return Err(Error::Data(format!(
                     "unknown resample code {other}; Pillow's codes are 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, 4 BOX, 5 HAMMING"
                 )))
             }
@@ -252,13 +252,13 @@ impl RawImage {
     /// Wraps pixels, checking the length.
     pub fn new(width: usize, height: usize, channels: usize, data: Vec<u8>) -> Result<Self> {
         if channels != 1 && channels != 3 {
-            return Err(Error::Model(format!("RawImage: {channels} channels; only 1 (grey) or 3 (RGB) are supported")));
+            return Err(Error::Data(format!("RawImage: {channels} channels; only 1 (grey) or 3 (RGB) are supported")));
         }
         if width == 0 || height == 0 {
-            return Err(Error::Model(format!("RawImage: empty image ({width}x{height})")));
+            return Err(Error::Data(format!("RawImage: empty image ({width}x{height})")));
         }
         if data.len() != width * height * channels {
-            return Err(Error::Model(format!(
+            return Err(Error::Data(format!(
                 "RawImage: {} bytes for a {width}x{height}x{channels} image, expected {}",
                 data.len(),
                 width * height * channels
@@ -273,7 +273,7 @@ impl RawImage {
     /// horizontal pass first, which can differ by one grey level in those cases).
     pub fn resize(&self, width: usize, height: usize, filter: Resample) -> Result<RawImage> {
         if width == 0 || height == 0 {
-            return Err(Error::Model(format!(
+            return Err(Error::Data(format!(
                 "cannot resize a {}x{} image to {width}x{height}: sizes must be at least 1",
                 self.width, self.height
             )));
@@ -374,14 +374,14 @@ pub fn decode_image_file(path: &Path) -> Result<RawImage> {
 pub fn decode_image_bytes(bytes: &[u8], name: &str) -> Result<RawImage> {
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| Error::Model(format!("{name}: cannot read image: {e}")))?;
+        .map_err(|e| Error::Data(format!("{name}: cannot read image: {e}")))?;
     if reader.format().is_none() {
-        return Err(Error::Model(format!(
+        return Err(Error::Data(format!(
             "{name}: not a PNG or JPEG image (unrecognised content); convert it to PNG or JPEG or remove it"
         )));
     }
     let img = reader.decode().map_err(|e| {
-        Error::Model(format!("{name}: cannot decode image: {e}; the file is corrupt or truncated: replace or remove it"))
+        Error::Data(format!("{name}: cannot decode image: {e}; the file is corrupt or truncated: replace or remove it"))
     })?;
     from_dynamic(img, name)
 }
@@ -422,7 +422,7 @@ fn from_dynamic(img: DynamicImage, name: &str) -> Result<RawImage> {
             (3, out)
         }
     };
-    RawImage::new(w, h, channels, data).map_err(|e| Error::Model(format!("{name}: {e}")))
+    RawImage::new(w, h, channels, data).map_err(|e| Error::Data(format!("{name}: {e}")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -512,12 +512,12 @@ impl ImagePreprocess {
         match model_type.as_deref() {
             Some("dinov2") => Ok(Self::dinov2()),
             Some("vit") => Ok(Self::vit()),
-            Some(other) => Err(Error::Model(format!(
+            Some(other) => Err(Error::Data(format!(
                 "{}: no preprocessor_config.json and model_type {other:?} has no built-in image preprocessing; \
                  add the model's preprocessor_config.json (transformers' image processor file) or use a vit / dinov2 model",
                 dir.display()
             ))),
-            None => Err(Error::Model(format!(
+            None => Err(Error::Data(format!(
                 "{}: neither preprocessor_config.json nor a config.json with model_type; \
                  image preprocessing cannot be chosen: add the model's preprocessor_config.json",
                 dir.display()
@@ -547,7 +547,7 @@ impl ImagePreprocess {
             ("", Some("vit")) => (Self::vit(), true),
             ("", Some("dinov2")) => (Self::bit_defaults(), false),
             _ => {
-                return Err(Error::Model(format!(
+                return Err(Error::Data(format!(
                     "{file}: image_processor_type {ptype:?} is not supported; supported: ViTImageProcessor (ViT) and \
                      BitImageProcessor (DINOv2); build an ImagePreprocess by hand for other processors"
                 )))
@@ -557,14 +557,14 @@ impl ImagePreprocess {
             match v.get(key) {
                 None | Some(Value::Null) => Ok(default),
                 Some(Value::Bool(b)) => Ok(*b),
-                Some(other) => Err(Error::Model(format!("{file}: `{key}` is {other}, expected true or false"))),
+                Some(other) => Err(Error::Data(format!("{file}: `{key}` is {other}, expected true or false"))),
             }
         };
         if let Some(r) = v.get("resample").filter(|x| !x.is_null()) {
             let code = r.as_i64().ok_or_else(|| {
-                Error::Model(format!("{file}: `resample` is {r}, expected Pillow's integer code (2 bilinear, 3 bicubic)"))
+                Error::Data(format!("{file}: `resample` is {r}, expected Pillow's integer code (2 bilinear, 3 bicubic)"))
             })?;
-            out.resample = Resample::from_pil(code).map_err(|e| Error::Model(format!("{file}: `resample`: {e}")))?;
+            out.resample = Resample::from_pil(code).map_err(|e| Error::Data(format!("{file}: `resample`: {e}")))?;
         }
         if let Some(s) = v.get("size").filter(|x| !x.is_null()) {
             out.resize = Some(parse_size(s, default_to_square, &format!("{file}: `size`"))?);
@@ -572,13 +572,13 @@ impl ImagePreprocess {
         if !flag("do_resize", out.resize.is_some())? {
             out.resize = None;
         } else if out.resize.is_none() {
-            return Err(Error::Model(format!("{file}: `do_resize` is true but there is no `size`; add e.g. \"size\": {{\"height\": 224, \"width\": 224}}")));
+            return Err(Error::Data(format!("{file}: `do_resize` is true but there is no `size`; add e.g. \"size\": {{\"height\": 224, \"width\": 224}}")));
         }
         if let Some(s) = v.get("crop_size").filter(|x| !x.is_null()) {
             match parse_size(s, true, &format!("{file}: `crop_size`"))? {
                 Resize::Exact { height, width } => out.center_crop = Some((height, width)),
                 Resize::ShortestEdge(_) => {
-                    return Err(Error::Model(format!(
+                    return Err(Error::Data(format!(
                         "{file}: `crop_size` must be {{\"height\": H, \"width\": W}} or an integer, not a shortest_edge"
                     )))
                 }
@@ -588,10 +588,10 @@ impl ImagePreprocess {
         if !flag("do_center_crop", crop_default)? {
             out.center_crop = None;
         } else if out.center_crop.is_none() {
-            return Err(Error::Model(format!("{file}: `do_center_crop` is true but there is no `crop_size`; add e.g. \"crop_size\": {{\"height\": 224, \"width\": 224}}")));
+            return Err(Error::Data(format!("{file}: `do_center_crop` is true but there is no `crop_size`; add e.g. \"crop_size\": {{\"height\": 224, \"width\": 224}}")));
         }
         if let Some(f) = v.get("rescale_factor").filter(|x| !x.is_null()) {
-            let f = f.as_f64().ok_or_else(|| Error::Model(format!("{file}: `rescale_factor` is {f}, expected a number such as 0.00392156862745098")))?;
+            let f = f.as_f64().ok_or_else(|| Error::Data(format!("{file}: `rescale_factor` is {f}, expected a number such as 0.00392156862745098")))?;
             out.rescale_factor = Some(f);
         }
         if !flag("do_rescale", true)? {
@@ -605,7 +605,7 @@ impl ImagePreprocess {
             std = parse_triple(s, &format!("{file}: `image_std`"))?;
         }
         if std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
-            return Err(Error::Model(format!("{file}: `image_std` {std:?} has a zero or non-finite entry")));
+            return Err(Error::Data(format!("{file}: `image_std` {std:?} has a zero or non-finite entry")));
         }
         out.normalize = if flag("do_normalize", true)? { Some((mean, std)) } else { None };
         Ok(out)
@@ -664,7 +664,7 @@ impl ImagePreprocess {
             Some(_) => {
                 let (h, w) = self.resized_size(img.height, img.width);
                 if h == 0 || w == 0 {
-                    return Err(Error::Model(format!(
+                    return Err(Error::Data(format!(
                         "a {}x{} image resizes to {w}x{h}; its aspect ratio is too extreme for {:?}",
                         img.width, img.height, self.resize
                     )));
@@ -674,7 +674,7 @@ impl ImagePreprocess {
         };
         let Some((ch, cw)) = self.center_crop else { return Ok(resized) };
         if ch == 0 || cw == 0 {
-            return Err(Error::Model(format!("crop size {ch}x{cw} is empty")));
+            return Err(Error::Data(format!("crop size {ch}x{cw} is empty")));
         }
         let (h, w, c) = (resized.height as i64, resized.width as i64, resized.channels);
         // Python's floor division; negative when the image is smaller (then zero padding).
@@ -734,7 +734,7 @@ impl ImagePreprocess {
         F: Fn(usize) -> Result<(RawImage, String)> + Sync,
     {
         if n == 0 {
-            return Err(Error::Model("an image batch needs at least one image".into()));
+            return Err(Error::Data("an image batch needs at least one image".into()));
         }
         let lut = self.lut();
         let threads = threads.clamp(1, n);
@@ -744,7 +744,7 @@ impl ImagePreprocess {
             range
                 .map(|i| {
                     let (img, name) = load(i)?;
-                    let out = self.resize_and_crop(&img).map_err(|e| Error::Model(format!("{name}: {e}")))?;
+                    let out = self.resize_and_crop(&img).map_err(|e| Error::Data(format!("{name}: {e}")))?;
                     let mut v = vec![0f32; 3 * out.height * out.width];
                     self.fill(&out, &lut, &mut v);
                     Ok((v, (out.height, out.width), name))
@@ -764,7 +764,7 @@ impl ImagePreprocess {
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(Error::Model("an image decoding thread panicked".into()))))
+                    .map(|h| h.join().unwrap_or_else(|_| Err(Error::Data("an image decoding thread panicked".into()))))
                     .collect()
             })
         };
@@ -775,7 +775,7 @@ impl ImagePreprocess {
                 match &size {
                     None => size = Some((hw, name)),
                     Some((first, first_name)) if *first != hw => {
-                        return Err(Error::Model(format!(
+                        return Err(Error::Data(format!(
                             "{name}: preprocesses to {}x{} (HxW) but {first_name} to {}x{}; images of one batch must \
                              have one size: use a centre crop or an exact resize",
                             hw.0, hw.1, first.0, first.1
@@ -803,7 +803,7 @@ fn read_json(path: &Path) -> Result<Value> {
 fn parse_size(v: &Value, default_to_square: bool, what: &str) -> Result<Resize> {
     let as_px = |x: &Value, key: &str| -> Result<usize> {
         x.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| {
-            Error::Model(format!("{what}: `{key}` is {x}, expected a positive integer number of pixels"))
+            Error::Data(format!("{what}: `{key}` is {x}, expected a positive integer number of pixels"))
         })
     };
     match v {
@@ -813,7 +813,7 @@ fn parse_size(v: &Value, default_to_square: bool, what: &str) -> Result<Resize> 
         }
         Value::Object(m) => {
             if m.get("longest_edge").is_some_and(|x| !x.is_null()) || m.get("max_height").is_some_and(|x| !x.is_null()) {
-                return Err(Error::Model(format!(
+                return Err(Error::Data(format!(
                     "{what}: {v} uses longest_edge / max_height, which is not supported; use \
                      {{\"shortest_edge\": N}} or {{\"height\": H, \"width\": W}}"
                 )));
@@ -823,12 +823,12 @@ fn parse_size(v: &Value, default_to_square: bool, what: &str) -> Result<Resize> 
             }
             match (m.get("height"), m.get("width")) {
                 (Some(h), Some(w)) => Ok(Resize::Exact { height: as_px(h, "height")?, width: as_px(w, "width")? }),
-                _ => Err(Error::Model(format!(
+                _ => Err(Error::Data(format!(
                     "{what}: {v} has neither `shortest_edge` nor `height` and `width`"
                 ))),
             }
         }
-        _ => Err(Error::Model(format!("{what}: {v} is neither an integer nor an object"))),
+        _ => Err(Error::Data(format!("{what}: {v} is neither an integer nor an object"))),
     }
 }
 
@@ -841,11 +841,11 @@ fn parse_triple(v: &Value, what: &str) -> Result<[f64; 3]> {
         Value::Array(a) if a.len() == 3 => {
             let mut out = [0.0; 3];
             for (o, x) in out.iter_mut().zip(a) {
-                *o = x.as_f64().ok_or_else(|| Error::Model(format!("{what}: {x} is not a number")))?;
+                *o = x.as_f64().ok_or_else(|| Error::Data(format!("{what}: {x} is not a number")))?;
             }
             Ok(out)
         }
-        _ => Err(Error::Model(format!("{what}: {v} must be a number or a list of 3 numbers (one per RGB channel)"))),
+        _ => Err(Error::Data(format!("{what}: {v} must be a number or a list of 3 numbers (one per RGB channel)"))),
     }
 }
 
@@ -878,14 +878,14 @@ impl ImageFolder {
             let path = entry.path();
             if path.is_dir() {
                 let name = entry.file_name().into_string().map_err(|n| {
-                    Error::Model(format!("{}: class folder name {n:?} is not valid UTF-8; rename it", root.display()))
+                    Error::Data(format!("{}: class folder name {n:?} is not valid UTF-8; rename it", root.display()))
                 })?;
                 classes.push(name);
             }
         }
         classes.sort();
         if classes.is_empty() {
-            return Err(Error::Model(format!(
+            return Err(Error::Data(format!(
                 "{}: no class sub-folders; an image folder holds one sub-folder per class (root/cat/1.png, root/dog/2.jpg)",
                 root.display()
             )));
@@ -902,7 +902,7 @@ impl ImageFolder {
                     samples.push(f);
                     labels.push(id as u32);
                 } else if UNSUPPORTED_IMAGE_EXTENSIONS.contains(&ext.as_str()) {
-                    return Err(Error::Model(format!(
+                    return Err(Error::Data(format!(
                         "{}: .{ext} images are not supported (only PNG and JPEG); convert it to PNG or remove it",
                         f.display()
                     )));
@@ -913,7 +913,7 @@ impl ImageFolder {
             }
         }
         if !empty.is_empty() {
-            return Err(Error::Model(format!(
+            return Err(Error::Data(format!(
                 "{}: found no valid file for the classes {}; supported extensions are .png, .jpg, .jpeg \
                  (remove empty class folders or add images)",
                 root.display(),

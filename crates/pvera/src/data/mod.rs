@@ -174,7 +174,7 @@ pub fn open_image_classification(
         let dir = path.parent().unwrap_or(Path::new("."));
         let candidates = [dir.join(&labels_name), dir.join(labels_name.trim_end_matches(".gz")), dir.join(format!("{labels_name}.gz"))];
         let labels = candidates.iter().find(|p| p.is_file()).ok_or_else(|| {
-            Error::Model(format!(
+            Error::Data(format!(
                 "{}: no labels file beside it (looked for {}); put the matching *-labels-idx1-ubyte file next to it",
                 path.display(),
                 candidates[0].display()
@@ -191,7 +191,7 @@ pub fn open_image_classification(
 /// Errors for an index past the end (names the caller, the index and the length).
 pub(crate) fn check_indices(indices: &[usize], len: usize, what: &str) -> Result<()> {
     if let Some(&bad) = indices.iter().find(|&&i| i >= len) {
-        return Err(Error::Model(format!(
+        return Err(Error::Data(format!(
             "{what}: example index {bad} is out of range for a data set of {len} example(s); \
              indices must come from 0..{len} (use the split's indices for this data set)"
         )));
@@ -202,7 +202,7 @@ pub(crate) fn check_indices(indices: &[usize], len: usize, what: &str) -> Result
 /// Errors for an empty batch request.
 pub(crate) fn check_nonempty(indices: &[usize], what: &str) -> Result<()> {
     if indices.is_empty() {
-        return Err(Error::Model(format!("{what}: get_batch called with no indices; a batch needs at least one example")));
+        return Err(Error::Data(format!("{what}: get_batch called with no indices; a batch needs at least one example")));
     }
     Ok(())
 }

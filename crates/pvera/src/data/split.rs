@@ -70,7 +70,7 @@ fn val_count(n: usize, val: ValSize) -> Result<usize> {
     let k = match val {
         ValSize::Fraction(f) => {
             if !(f > 0.0 && f < 1.0) {
-                return Err(Error::Model(format!(
+                return Err(Error::Data(format!(
                     "validation fraction {f} must be strictly between 0 and 1 (e.g. 0.2)"
                 )));
             }
@@ -79,7 +79,7 @@ fn val_count(n: usize, val: ValSize) -> Result<usize> {
         ValSize::Count(k) => k,
     };
     if k == 0 || k >= n {
-        return Err(Error::Model(format!(
+        return Err(Error::Data(format!(
             "cannot take {k} validation example(s) from {n}: both train and validation need at least one"
         )));
     }
@@ -132,7 +132,7 @@ fn take_per_class(perm: &[usize], labels: &[u32], counts: &[usize]) -> (Vec<usiz
 
 fn class_sizes(labels: &[u32], n: usize) -> Result<Vec<usize>> {
     if labels.len() != n {
-        return Err(Error::Model(format!(
+        return Err(Error::Data(format!(
             "stratified split: {} labels for {n} examples; pass the data set's class ids",
             labels.len()
         )));
@@ -149,7 +149,7 @@ fn class_sizes(labels: &[u32], n: usize) -> Result<Vec<usize>> {
 /// of each example to keep class shares equal in both parts.
 pub fn train_val_split(n: usize, val: ValSize, seed: u64, stratify: Option<&[u32]>) -> Result<Split> {
     if n < 2 {
-        return Err(Error::Model(format!("cannot split {n} example(s) into train and validation; need at least 2")));
+        return Err(Error::Data(format!("cannot split {n} example(s) into train and validation; need at least 2")));
     }
     let k = val_count(n, val)?;
     let perm = randperm(n, seed);
@@ -174,10 +174,10 @@ pub fn train_val_split(n: usize, val: ValSize, seed: u64, stratify: Option<&[u32
 /// 800 + 200). The unused examples are returned in `rest`.
 pub fn train_size_subset(n: usize, train_size: usize, seed: u64, stratify: Option<&[u32]>) -> Result<Split> {
     if train_size < 2 {
-        return Err(Error::Model(format!("--train-size {train_size}: need at least 2 examples (train + validation)")));
+        return Err(Error::Data(format!("--train-size {train_size}: need at least 2 examples (train + validation)")));
     }
     if train_size > n {
-        return Err(Error::Model(format!(
+        return Err(Error::Data(format!(
             "--train-size {train_size} is larger than the data set ({n} examples); use at most {n}"
         )));
     }

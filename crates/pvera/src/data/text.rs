@@ -75,14 +75,14 @@ fn canonical_label(raw: &str) -> String {
 
 fn check_record(path: &Path, line: usize, text: &str, label: &str, cols: &Columns) -> Result<()> {
     if text.trim().is_empty() {
-        return Err(Error::Model(format!(
+        return Err(Error::Data(format!(
             "{}:{line}: empty text in column `{}`; fill it in or remove the record",
             path.display(),
             cols.text
         )));
     }
     if label.trim().is_empty() {
-        return Err(Error::Model(format!(
+        return Err(Error::Data(format!(
             "{}:{line}: empty label in column `{}`; give every record a label or remove it",
             path.display(),
             cols.label
@@ -97,11 +97,11 @@ pub fn read_csv(path: &Path, cols: &Columns) -> Result<Vec<TextRecord>> {
     let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(file);
     let headers = rdr
         .headers()
-        .map_err(|e| Error::Model(format!("{}: cannot read the CSV header: {e}", path.display())))?
+        .map_err(|e| Error::Data(format!("{}: cannot read the CSV header: {e}", path.display())))?
         .clone();
     let find = |name: &str| -> Result<usize> {
         headers.iter().position(|h| h.trim_start_matches('\u{feff}').trim() == name).ok_or_else(|| {
-            Error::Model(format!(
+            Error::Data(format!(
                 "{}:1: no `{name}` column in the header (columns: {}); the first row must name a `{}` and a `{}` column",
                 path.display(),
                 headers.iter().map(|h| format!("`{h}`")).collect::<Vec<_>>().join(", "),
@@ -116,7 +116,7 @@ pub fn read_csv(path: &Path, cols: &Columns) -> Result<Vec<TextRecord>> {
     for rec in rdr.records() {
         let rec = rec.map_err(|e| {
             let line = e.position().map(|p| p.line().to_string()).unwrap_or_else(|| "?".into());
-            Error::Model(format!(
+            Error::Data(format!(
                 "{}:{line}: malformed CSV record: {e}; quote fields holding commas, quotes or newlines (\"a, b\")",
                 path.display()
             ))
@@ -128,7 +128,7 @@ pub fn read_csv(path: &Path, cols: &Columns) -> Result<Vec<TextRecord>> {
         out.push(TextRecord { text: text.to_string(), label: canonical_label(label), line });
     }
     if out.is_empty() {
-        return Err(Error::Model(format!("{}: no records after the header; the file has no examples", path.display())));
+        return Err(Error::Data(format!("{}: no records after the header; the file has no examples", path.display())));
     }
     Ok(out)
 }
@@ -144,7 +144,7 @@ pub fn read_jsonl(path: &Path, cols: &Columns) -> Result<Vec<TextRecord>> {
             continue;
         }
         let v: Value = serde_json::from_str(raw).map_err(|e| {
-            Error::Model(format!(
+            Error::Data(format!(
                 "{}:{line}: not a JSON object ({e}); each line must be one object like {{\"{}\": \"...\", \"{}\": \"...\"}}",
                 path.display(),
                 cols.text,
@@ -152,12 +152,12 @@ pub fn read_jsonl(path: &Path, cols: &Columns) -> Result<Vec<TextRecord>> {
             ))
         })?;
         let obj = v.as_object().ok_or_else(|| {
-            Error::Model(format!("{}:{line}: a JSON {} where an object was expected", path.display(), kind(&v)))
+            Error::Data(format!("{}:{line}: a JSON {} where an object was expected", path.display(), kind(&v)))
         })?;
         let text = match obj.get(&cols.text) {
             Some(Value::String(s)) => s.clone(),
             Some(other) => {
-                return Err(Error::Model(format!(
+                return Err(Error::Data(format!(
                     "{}:{line}: `{}` is a {}, expected a string",
                     path.display(),
                     cols.text,
@@ -165,7 +165,7 @@ pub fn read_jsonl(path: &Path, cols: &Columns) -> Result<Vec<TextRecord>> {
                 )))
             }
             None => {
-                return Err(Error::Model(format!(
+                return Err(Error::Data(format!(
                     "{}:{line}: no `{}` key (keys: {}); add the text under `{}`",
                     path.display(),
                     cols.text,
@@ -178,14 +178,14 @@ pub fn read_jsonl(path: &Path, cols: &Columns) -> Result<Vec<TextRecord>> {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
             Some(other) => {
-                return Err(Error::Model(format!(
+                return Err(Error::Data(format!(
                     "{}:{line}: `{}` is {other}, expected a string or an integer",
                     path.display(),
                     cols.label
                 )))
             }
             None => {
-                return Err(Error::Model(format!(
+                return Err(Error::Data(format!(
                     "{}:{line}: no `{}` key (keys: {}); add the class under `{}`",
                     path.display(),
                     cols.label,
@@ -198,7 +198,7 @@ pub fn read_jsonl(path: &Path, cols: &Columns) -> Result<Vec<TextRecord>> {
         out.push(TextRecord { text, label: canonical_label(&label), line });
     }
     if out.is_empty() {
-        return Err(Error::Model(format!("{}: no records; the file has no examples", path.display())));
+        return Err(Error::Data(format!("{}: no records; the file has no examples", path.display())));
     }
     Ok(out)
 }
@@ -220,7 +220,7 @@ pub fn read_records(path: &Path, cols: &Columns) -> Result<Vec<TextRecord>> {
     match ext.as_str() {
         "csv" => read_csv(path, cols),
         "jsonl" | "json" | "ndjson" => read_jsonl(path, cols),
-        _ => Err(Error::Model(format!(
+        _ => Err(Error::Data(format!(
             "{}: unknown text data format {ext:?}; use a .csv file with a header or a .jsonl file",
             path.display()
         ))),
@@ -252,7 +252,7 @@ impl LabelMap {
         let names: Vec<String> = names.iter().map(|n| canonical_label(n)).collect();
         let set: BTreeSet<&String> = names.iter().collect();
         if set.len() != names.len() || names.is_empty() {
-            return Err(Error::Model(format!("label map {names:?} is empty or has repeated names")));
+            return Err(Error::Data(format!("label map {names:?} is empty or has repeated names")));
         }
         Ok(LabelMap { names })
     }
@@ -366,7 +366,7 @@ impl TextTokenizer {
         let raw: Value = serde_json::from_str(&text)
             .map_err(|e| Error::ConfigParse { path: path.display().to_string(), reason: e.to_string() })?;
         let mut tok: Tokenizer = text.parse().map_err(|e| {
-            Error::Model(format!(
+            Error::Data(format!(
                 "{}: not a tokenizers tokenizer.json ({e}); use the tokenizer.json that transformers' fast tokenizer saves",
                 path.display()
             ))
@@ -377,7 +377,7 @@ impl TextTokenizer {
         let _ = tok.with_truncation(None);
         let max_length = opts.max_length.or(stored_max).unwrap_or(512);
         if max_length == 0 {
-            return Err(Error::Model(format!("{}: max_length must be at least 1", path.display())));
+            return Err(Error::Data(format!("{}: max_length must be at least 1", path.display())));
         }
         let mut truncating = tok.clone();
         truncating
@@ -387,10 +387,10 @@ impl TextTokenizer {
                 strategy: TruncationStrategy::LongestFirst,
                 stride: 0,
             }))
-            .map_err(|e| Error::Model(format!("{}: cannot truncate to {max_length}: {e}", path.display())))?;
+            .map_err(|e| Error::Data(format!("{}: cannot truncate to {max_length}: {e}", path.display())))?;
         let pad = if let Some(name) = &opts.pad_token {
             let id = tok.token_to_id(name).ok_or_else(|| {
-                Error::Model(format!("{}: pad token {name:?} is not in the vocabulary; give a token the tokenizer knows", path.display()))
+                Error::Data(format!("{}: pad token {name:?} is not in the vocabulary; give a token the tokenizer knows", path.display()))
             })?;
             Some((id, 0, name.clone()))
         } else if let Some(p) = &stored_pad {
@@ -436,7 +436,7 @@ impl TextTokenizer {
         let tok = if truncate { &self.truncating } else { &self.plain };
         let enc = tok
             .encode_batch(texts.to_vec(), true)
-            .map_err(|e| Error::Model(format!("{}: tokenisation failed: {e}", self.path.display())))?;
+            .map_err(|e| Error::Data(format!("{}: tokenisation failed: {e}", self.path.display())))?;
         Ok(enc.into_iter().map(|e| (e.get_ids().to_vec(), e.get_type_ids().to_vec())).collect())
     }
 
@@ -453,7 +453,7 @@ impl TextTokenizer {
             (Some((id, t, _)), _) => (*id, *t),
             (None, false) => (0, 0),
             (None, true) => {
-                return Err(Error::Model(format!(
+                return Err(Error::Data(format!(
                     "{}: the tokenizer has no padding token ([PAD] / <pad>) and this batch needs padding; \
                      set pad_token (GPT-2 and LLaMA users usually pad with the EOS token, e.g. \"<|endoftext|>\" or \"</s>\")",
                     self.path.display()
@@ -532,11 +532,11 @@ impl TextClassification {
         device: &Device,
     ) -> Result<Self> {
         if records.is_empty() {
-            return Err(Error::Model(format!("{}: no records; the data set has no examples", source.display())));
+            return Err(Error::Data(format!("{}: no records; the data set has no examples", source.display())));
         }
         for r in &records {
             if r.text.trim().is_empty() {
-                return Err(Error::Model(format!(
+                return Err(Error::Data(format!(
                     "{}:{}: empty text; fill it in or remove the record",
                     source.display(),
                     r.line
@@ -547,7 +547,7 @@ impl TextClassification {
         let mut labels = Vec::with_capacity(records.len());
         for r in &records {
             let id = label_map.id(&r.label).ok_or_else(|| {
-                Error::Model(format!(
+                Error::Data(format!(
                     "{}:{}: unknown label {:?}; known labels: {}; fix the label or build the label map from data that has it",
                     source.display(),
                     r.line,
@@ -559,7 +559,7 @@ impl TextClassification {
         }
         if tokenizer.pad.is_none() && records.len() > 1 {
             // Checked up front so a long run does not fail at its first uneven batch.
-            return Err(Error::Model(format!(
+            return Err(Error::Data(format!(
                 "{}: the tokenizer has no padding token ([PAD] / <pad>); set pad_token (GPT-2 and LLaMA users \
                  usually pad with the EOS token)",
                 tokenizer.path.display()
@@ -693,7 +693,7 @@ impl CausalLm {
         let text = String::from_utf8(bytes).map_err(|e| {
             let at = e.utf8_error().valid_up_to();
             let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
-            Error::Model(format!("{}:{line}: not valid UTF-8 (byte {at}); re-save the file as UTF-8", path.display()))
+            Error::Data(format!("{}:{line}: not valid UTF-8 (byte {at}); re-save the file as UTF-8", path.display()))
         })?;
         Self::from_text(&text, path, tokenizer, opts, device)
     }
@@ -707,7 +707,7 @@ impl CausalLm {
         device: &Device,
     ) -> Result<Self> {
         if opts.block_size == 0 || opts.group_lines == 0 {
-            return Err(Error::Model("causal LM: block_size and group_lines must be at least 1".into()));
+            return Err(Error::Data("causal LM: block_size and group_lines must be at least 1".into()));
         }
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let lines = text_file_lines(text, opts.keep_linebreaks);
@@ -723,7 +723,7 @@ impl CausalLm {
             tokens.extend(concat);
         }
         if tokens.is_empty() {
-            return Err(Error::Model(format!(
+            return Err(Error::Data(format!(
                 "{}: {total} token(s) in {} line(s), fewer than one block of {} per group of {} lines; \
                  use a smaller block_size or more text",
                 source.display(),

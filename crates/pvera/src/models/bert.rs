@@ -353,8 +353,10 @@ impl BertModel {
     pub fn forward(&self, inputs: &ModelInputs) -> Result<ModelOutputs> {
         let me = &*self.0;
         let cfg = &me.config;
-        let ids_t = inputs.input_ids.as_ref().ok_or_else(|| {
-            Error::Model("BertModel.forward: `input_ids` (batch, seq) is required".into())
+        let ids_t = inputs.input_ids.as_ref().ok_or_else(|| Error::MissingTensor {
+            file: "inputs".into(),
+            key: "input_ids".into(),
+            hint: " (BertModel needs token ids: an integer tensor (batch, seq))".into(),
         })?;
         let (b, s) = dims2(ids_t, "input_ids")?;
         if b == 0 || s == 0 {

@@ -289,7 +289,11 @@ impl Gpt2Model {
                 hint: " (GPT-2 has learned positions up to config n_positions; split longer inputs)".into(),
             });
         }
-        let ids = inputs.input_ids.as_ref().ok_or_else(|| Error::Model("inputs: no input_ids".into()))?;
+        let ids = inputs.input_ids.as_ref().ok_or_else(|| Error::MissingTensor {
+            file: "inputs".into(),
+            key: "input_ids".into(),
+            hint: " (token ids are required)".into(),
+        })?;
         let ids = ids.to_device(&self.device)?;
         let pos = Tensor::arange(0u32, s as u32, &self.device)?;
         let mut x = self.wte.forward(&ids)?.broadcast_add(&self.wpe.forward(&pos)?.unsqueeze(0)?)?;

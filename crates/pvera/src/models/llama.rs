@@ -772,7 +772,11 @@ impl LlamaModel {
     /// Forward pass: `last_hidden_state` after the final norm; `logits` with an LM head.
     pub fn forward(&self, inputs: &ModelInputs) -> Result<ModelOutputs> {
         let (_, s) = check_token_inputs(inputs, self.config.vocab_size, "LLaMA")?;
-        let ids = inputs.input_ids.as_ref().ok_or_else(|| Error::Model("inputs: no input_ids".into()))?;
+        let ids = inputs.input_ids.as_ref().ok_or_else(|| Error::MissingTensor {
+            file: "inputs".into(),
+            key: "input_ids".into(),
+            hint: " (token ids are required)".into(),
+        })?;
         let ids = ids.to_device(&self.device)?;
         let mask = CausalMask::new(inputs.attention_mask.as_ref(), s, self.dtype, &self.device)?;
         let (cos, sin) = self.rotary(s)?;

@@ -100,11 +100,13 @@ impl AnyModel {
                 (AnyModel::Gpt2(m), r, gpt2::Gpt2Model::info(dir))
             }
             other => {
-                return Err(Error::Model(format!(
-                    "{}: unknown model_type {other:?}; supported: {}",
-                    dir.path.join("config.json").display(),
-                    SUPPORTED_MODEL_TYPES.join(", ")
-                )))
+                return Err(Error::UnsupportedModel {
+                    path: dir.path.join("config.json").display().to_string(),
+                    reason: format!(
+                        "unknown model_type {other:?}; supported: {} (use a checkpoint of one of these families)",
+                        SUPPORTED_MODEL_TYPES.join(", ")
+                    ),
+                })
             }
         })
     }

@@ -144,7 +144,7 @@ fn config_r_not_positive() {
         let d = edited(|_| {}, |c| c["r"] = r.into());
         let e = load(d.path()).unwrap_err();
         assert!(matches!(&e, Error::InvalidConfig { field, .. } if field == "r"), "{e:?}");
-        row("config_r_not_positive", &e, &["`r`", "positive integer", &format!("{r}")]);
+        row("config_r_not_positive", &e, &["`r`", "positive integer", &format!("{r}"), &cfg_path(&d)]);
     }
 }
 
@@ -287,7 +287,7 @@ fn adapter_for_another_model_or_naming_scheme() {
         |_| {},
     );
     let e = load(d.path()).unwrap_err();
-    assert!(matches!(e, Error::MissingTensor { .. } | Error::Adapter(_)), "{e:?}");
+    assert!(matches!(e, Error::MissingTensor { .. } | Error::UnexpectedTensors { .. }), "{e:?}");
     row("adapter_for_another_model_or_naming_scheme", &e, &[&weights_path(&d), "naming scheme"]);
     // Only extra λ for modules the model lacks: also refused, naming them.
     let d = edited(
@@ -298,7 +298,7 @@ fn adapter_for_another_model_or_naming_scheme() {
         |_| {},
     );
     let e = load(d.path()).unwrap_err();
-    assert!(matches!(e, Error::Adapter(_)), "{e:?}");
+    assert!(matches!(&e, Error::UnexpectedTensors { count: 1, .. }), "{e:?}");
     row("adapter_for_another_model_or_naming_scheme", &e, &[&weights_path(&d), "encoder.layer.0.attention.query", "naming scheme"]);
 }
 
@@ -322,7 +322,7 @@ fn model_dir_unknown_model_type() {
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
     let md = ModelDir::open(tmp.path()).unwrap();
     let e = AnyModel::load(&md, None, &Device::Cpu, Arc::new(RunState::new(0))).unwrap_err();
-    assert!(matches!(e, Error::Model(_)), "{e:?}");
+    assert!(matches!(e, Error::UnsupportedModel { .. }), "{e:?}");
     row("model_dir_unknown_model_type", &e, &["config.json", "\"mamba\"", "supported: "]);
     // No model_type at all.
     cfg.as_object_mut().unwrap().remove("model_type");
@@ -338,12 +338,18 @@ fn model_dir_unknown_model_type() {
 fn inputs_wrong_name_dtype_or_shape() {
     let md = ModelDir::open(&fixtures().join("models/bert_tiny/model")).unwrap();
     let (m, _, _) = AnyModel::load(&md, None, &Device::Cpu, Arc::new(RunState::new(0))).unwrap();
-    // Missing (the CLI reports an unknown name such as `inputs_ids` first, exit 7). BERT and the
-    // decoders report a missing `input_ids` as `Error::Model`; the vision models use
-    // `MissingTensor` for `pixel_values` (see models_vision::vision_bad_inputs_are_named).
+    // Missing (the CLI reports an unknown name such as `inputs_ids` first, exit 7): every family
+    // reports a missing input as `MissingTensor` naming it (vision: `pixel_values`, see
+    // models_vision::vision_bad_inputs_are_named).
     let e = m.forward(&ModelInputs::default()).unwrap_err();
-    assert!(matches!(&e, Error::Model(_)), "{e:?}");
-    row("inputs_wrong_name", &e, &["`input_ids`", "is required"]);
+    assert!(matches!(&e, Error::MissingTensor { key, .. } if key == "input_ids"), "{e:?}");
+    row("inputs_wrong_name", &e, &["`input_ids`", "token ids"]);
+    for family in ["llama_base", "gpt2_base"] {
+        let md = ModelDir::open(&fixtures().join("models").join(family).join("model")).unwrap();
+        let (dm, _, _) = AnyModel::load(&md, None, &Device::Cpu, Arc::new(RunState::new(0))).unwrap();
+        let e = dm.forward(&ModelInputs::default()).unwrap_err();
+        assert!(matches!(&e, Error::MissingTensor { key, .. } if key == "input_ids"), "{family}: {e:?}");
+    }
     let ids = Tensor::zeros((2, 4), DType::I64, &Device::Cpu).unwrap();
     let e = m
         .forward(&ModelInputs { input_ids: Some(ids.to_dtype(DType::F32).unwrap()), ..Default::default() })
@@ -366,7 +372,7 @@ fn inputs_wrong_name_dtype_or_shape() {
 #[test]
 fn data_unreadable_image() {
     let e = decode_image_bytes(b"\x89PNG\r\n\x1a\nnot really", "train/cat/0001.png").unwrap_err();
-    assert!(matches!(e, Error::Model(_)), "{e:?}");
+    assert!(matches!(e, Error::Data(_)), "{e:?}");
     row("data_unreadable_image", &e, &["train/cat/0001.png", "cannot decode image", "replace or remove it"]);
 }
 
@@ -381,7 +387,7 @@ fn data_empty_text() {
     let p = t.path().join("train.jsonl");
     std::fs::write(&p, "{\"text\": \"hi\", \"label\": 1}\n{\"text\": \"  \", \"label\": 0}\n").unwrap();
     let e = TextClassification::from_file(&p, &Columns::default(), &tokenizer(), None, &Device::Cpu).map(|_| ()).unwrap_err();
-    assert!(matches!(e, Error::Model(_)), "{e:?}");
+    assert!(matches!(e, Error::Data(_)), "{e:?}");
     row("data_empty_text", &e, &["train.jsonl:2", "empty text", "fill it in or remove the record"]);
 }
 
@@ -394,6 +400,6 @@ fn data_unknown_label() {
     let e = TextClassification::from_file(&p, &Columns::default(), &tokenizer(), Some(map), &Device::Cpu)
         .map(|_| ())
         .unwrap_err();
-    assert!(matches!(e, Error::Model(_)), "{e:?}");
+    assert!(matches!(e, Error::Data(_)), "{e:?}");
     row("data_unknown_label", &e, &["eval.jsonl:2", "unknown label \"eggs\"", "known labels", "fix the label"]);
 }
