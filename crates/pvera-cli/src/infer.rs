@@ -14,7 +14,7 @@ use pvera::{PeftModel, RunState, Sampling};
 /// Arguments of `pvera infer`.
 #[derive(clap::Args, Debug)]
 pub struct InferArgs {
-    /// Hugging Face model directory (config.json + model.safetensors or a sharded index).
+    /// Hugging Face model directory (config.json + model.safetensors or a sharded index), or a hub id org/name[@revision] found in the local hub cache (HF_HUB_CACHE).
     #[arg(long)]
     pub model: PathBuf,
     /// PEFT adapter directory; repeat for several (`NAME=DIR` names one; the first is `default`
@@ -49,7 +49,7 @@ pub struct InferArgs {
 /// Arguments of `pvera merge`.
 #[derive(clap::Args, Debug)]
 pub struct MergeArgs {
-    /// Hugging Face model directory.
+    /// Hugging Face model directory, or a hub id org/name[@revision] in the local hub cache.
     #[arg(long)]
     pub model: PathBuf,
     /// PEFT adapter directory to fold into the weights.
@@ -100,7 +100,8 @@ pub fn load_peft(
     device: &Device,
     trainable: bool,
 ) -> Result<(PeftModel<AnyModel>, ModelDir)> {
-    let dir = ModelDir::open(model_dir)?;
+    let resolved = pvera::models::loader::resolve_model_dir(model_dir)?;
+    let dir = ModelDir::open(&resolved)?;
     let state = Arc::new(RunState::new(0));
     let (model, registry, info) = AnyModel::load(&dir, dtype, device, state)
         .with_context(|| format!("loading model {}", model_dir.display()))?;

@@ -35,7 +35,7 @@ macro_rules! usage {
 /// Options shared by `predict` and `eval`: the model, the adapter and the Monte Carlo settings.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// Hugging Face model directory (config.json + safetensors; tokenizer.json for text models).
+    /// Hugging Face model directory (config.json + safetensors; tokenizer.json for text models), or a hub id org/name[@revision] in the local hub cache.
     #[arg(long)]
     pub model: PathBuf,
     /// Adapter directory with the trained `classifier` head (e.g. `pvera train`'s OUT/best).
@@ -185,6 +185,9 @@ fn id2label(dir: &ModelDir) -> Option<Vec<String>> {
 }
 
 fn load(args: &CommonArgs) -> Result<Loaded> {
+    let mut args = args.clone();
+    args.model = pvera::models::loader::resolve_model_dir(&args.model)?;
+    let args = &args;
     if let Some(t) = args.threads {
         if t == 0 {
             usage!("--threads 0: use at least one thread");

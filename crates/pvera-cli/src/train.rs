@@ -38,7 +38,7 @@ pub enum TaskKind {
 /// Arguments of `pvera train`.
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
-    /// Hugging Face model directory (config.json + safetensors; tokenizer.json for text tasks).
+    /// Hugging Face model directory (config.json + safetensors; tokenizer.json for text tasks), or a hub id org/name[@revision] found in the local hub cache (HF_HUB_CACHE; nothing is downloaded).
     #[arg(long)]
     pub model: PathBuf,
     /// Training data: an image folder / IDX file, a CSV / JSONL file (`text`, `label`), or a text file.
@@ -379,7 +379,8 @@ fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
     })
 }
 
-pub fn run(args: TrainArgs) -> Result<u8> {
+pub fn run(mut args: TrainArgs) -> Result<u8> {
+    args.model = pvera::models::loader::resolve_model_dir(&args.model)?;
     if let Some(t) = args.threads {
         if t == 0 {
             usage!("--threads 0: use at least one thread");

@@ -276,3 +276,39 @@ fn library_error_classes_map_to_their_exit_codes() {
     assert_eq!(o.status.code(), Some(10), "{}", show(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("d.jsonl:2"), "{}", show(&o));
 }
+
+#[test]
+fn model_hub_ids_resolve_through_the_local_hub_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let repo = cache.join("models--acme--tiny-bert");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let bert = fixtures().join("models/bert_tiny/model");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(bert.join(f), snap.join(f)).unwrap();
+    }
+    std::fs::copy(fixtures().join("data/tokenizer.json"), snap.join("tokenizer.json")).unwrap();
+    let data = spam_jsonl(tmp.path());
+    let run = |model: &str| {
+        Command::new(env!("CARGO_BIN_EXE_pvera"))
+            .env("HF_HUB_CACHE", &cache)
+            .args([
+                "train", "--model", model, "--data", s(&data), "--task", "text-classification", "--output",
+                s(&tmp.path().join("out")), "--epochs", "1", "--r", "4", "--target-modules", "query,value",
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = run("acme/tiny-bert");
+    assert!(o.status.success(), "{}", show(&o));
+    let o = run(&format!("acme/tiny-bert@{commit}"));
+    assert!(o.status.success(), "{}", show(&o));
+    let o = run("acme/other-model");
+    assert_eq!(o.status.code(), Some(6), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("local hub cache") && err.contains("hf download acme/other-model"), "{err}");
+}

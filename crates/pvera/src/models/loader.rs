@@ -161,3 +161,85 @@ pub fn config_f64(config: &Value, key: &str, default: f64) -> f64 {
 pub fn config_str<'a>(config: &'a Value, key: &str, default: &'a str) -> &'a str {
     config.get(key).and_then(Value::as_str).unwrap_or(default)
 }
+
+/// The local Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub` (huggingface_hub's order).
+pub fn hub_cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("HF_HUB_CACHE")
+        .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
+        .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("huggingface").join("hub")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache").join("huggingface").join("hub")))
+}
+
+/// Whether `s` looks like a hub model id `org/name` (optionally `@revision`).
+fn hub_id(s: &str) -> Option<(&str, &str, &str)> {
+    let (id, rev) = s.split_once('@').unwrap_or((s, "main"));
+    let (org, name) = id.split_once('/')?;
+    let ok = |x: &str| {
+        !x.is_empty() && !x.starts_with('.') && x.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    (ok(org) && ok(name) && !rev.is_empty() && !rev.contains('/')).then_some((org, name, rev))
+}
+
+/// A model directory: `spec` itself when it is a directory, else a hub id `org/name[@revision]`
+/// resolved in the local hub cache ([`hub_cache_dir`]) to its snapshot folder, as
+/// `from_pretrained` finds it offline. Nothing is downloaded.
+pub fn resolve_model_dir(spec: &Path) -> Result<PathBuf> {
+    if spec.is_dir() {
+        return Ok(spec.to_path_buf());
+    }
+    let Some((org, name, rev)) = spec.to_str().and_then(hub_id) else {
+        return Ok(spec.to_path_buf()); // ModelDir::open reports the missing directory
+    };
+    let Some(cache) = hub_cache_dir() else {
+        return Err(io_err(spec, "neither a directory nor resolvable as a hub id: no hub cache (set HF_HUB_CACHE)"));
+    };
+    let repo = cache.join(format!("models--{org}--{name}"));
+    let commit = if rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit()) {
+        rev.to_string()
+    } else {
+        let r = repo.join("refs").join(rev);
+        match std::fs::read_to_string(&r) {
+            Ok(c) => c.trim().to_string(),
+            Err(_) => {
+                return Err(io_err(
+                    spec,
+                    &format!(
+                        "not a directory, and the hub id {org}/{name} (revision {rev}) is not in the local hub cache \
+                         ({} missing). pvera does not download: fetch it where there is internet \
+                         (`hf download {org}/{name}` or transformers' from_pretrained) and copy {}, or point \
+                         HF_HUB_CACHE at a cache that has it, or pass the model folder itself",
+                        r.display(),
+                        repo.display()
+                    ),
+                ))
+            }
+        }
+    };
+    let snap = repo.join("snapshots").join(&commit);
+    if !snap.join("config.json").is_file() {
+        return Err(io_err(
+            &snap,
+            &format!(
+                "hub snapshot of {org}/{name} at {commit} has no config.json (an incomplete download?); fetch it again"
+            ),
+        ));
+    }
+    Ok(snap)
+}
+
+#[cfg(test)]
+mod hub_tests {
+    use super::hub_id;
+
+    #[test]
+    fn hub_ids_are_recognised() {
+        assert_eq!(hub_id("facebook/dinov2-small"), Some(("facebook", "dinov2-small", "main")));
+        assert_eq!(hub_id("org/name@v1.0"), Some(("org", "name", "v1.0")));
+        assert_eq!(hub_id("./model"), None);
+        assert_eq!(hub_id("a/b/c"), None);
+        assert_eq!(hub_id("../x"), None);
+        assert_eq!(hub_id("model"), None);
+    }
+}
