@@ -63,6 +63,10 @@ pub struct CommonArgs {
     /// instead of every adapted layer.
     #[arg(long)]
     pub sample_from_config: bool,
+    /// Sample only in these adapted modules (comma-separated names or `.`-suffixes, e.g.
+    /// `value` or `encoder.layer.5.attention.self.query`); the mean path elsewhere.
+    #[arg(long, conflicts_with = "sample_from_config")]
+    pub sample_modules: Option<String>,
     /// Label names: a JSON list file, or comma-separated names (default: pvera_task.json /
     /// labels.json beside the adapter, else the model's id2label).
     #[arg(long)]
@@ -289,8 +293,19 @@ fn load(args: &CommonArgs) -> Result<Loaded> {
             args.adapter.display()
         );
     }
-    let mut pm = PeftModel::from_pretrained(model, registry, info, &args.adapter, "default", false)
+    let pm = PeftModel::from_pretrained(model, registry, info, &args.adapter, "default", false)
         .with_context(|| format!("loading adapter {}", args.adapter.display()))?;
+    let mut pm = pm;
+    if let Some(list) = &args.sample_modules {
+        let mods: Vec<&str> = list.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+        if mods.is_empty() {
+            usage!("--sample-modules {list:?}: name at least one module");
+        }
+        pm.set_sample_at_inference("default", None, false)?;
+        if let Err(e) = pm.set_sample_at_inference("default", Some(&mods), true) {
+            usage!("--sample-modules: {e}");
+        }
+    }
     for w in pm.take_warnings() {
         tracing::warn!("{w}");
     }
@@ -338,7 +353,11 @@ fn mc_config(args: &CommonArgs) -> McConfig {
         max_rows: args.max_rows,
         seed: Some(args.seed),
         mode: if args.sequential { McMode::Sequential } else { McMode::Batched },
-        sampling: if args.sample_from_config { Sampling::FromConfig } else { Sampling::Always },
+        sampling: if args.sample_from_config || args.sample_modules.is_some() {
+            Sampling::FromConfig
+        } else {
+            Sampling::Always
+        },
         with_mean: true,
     }
 }

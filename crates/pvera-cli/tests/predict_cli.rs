@@ -100,6 +100,17 @@ fn predict_text_is_reproducible_and_consistent() {
             assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-6);
         }
     }
+    // sampling in one module only: still an interval, and narrower spread than everywhere
+    let one = run(&["--seed", "3", "--sample-modules", "encoder.layer.0.attention.self.value"]);
+    let w = |j: &serde_json::Value| {
+        let iv = j["predictions"][0]["interval"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>();
+        iv[1] - iv[0]
+    };
+    assert!(w(&one) > 0.0 && w(&one) < w(&a), "one module {} vs all {}", w(&one), w(&a));
+    let o = pvera(&[
+        "predict", "--model", s(&model), "--tokenizer", s(&tok), "--adapter", s(&best), "--sample-modules", "nope", "x",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
     // the table form names the columns and every input
     let o = pvera(&["predict", "--model", s(&model), "--tokenizer", s(&tok), "--adapter", s(&best), "win a prize"]);
     assert!(o.status.success(), "{}", show(&o));
