@@ -113,9 +113,9 @@ pub struct EvalArgs {
     pub data: PathBuf,
     /// Out-of-distribution inputs for the AUROC: an image folder (searched recursively), an IDX
     /// images file, `noise:N` (N uniform-noise images), or a text file (.txt one per line,
-    /// .jsonl/.csv `text` column).
+    /// .jsonl/.csv `text` column). Repeat for several sets; each gets its own AUROCs.
     #[arg(long)]
-    pub ood: Option<String>,
+    pub ood: Vec<String>,
     /// Evaluate a seeded random subset of N examples (with --held-out-of: the first N unused
     /// examples, as `pvera train --eval-held-out N` does), and at most N OOD inputs.
     #[arg(long)]
@@ -858,15 +858,13 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
     let unanimous = preds.iter().filter(|p| p.stats.vote_share >= 1.0).count() as f64 / preds.len() as f64;
     let mean_mi = preds.iter().map(|p| p.stats.mutual_information).sum::<f64>() / preds.len() as f64;
 
-    let ood = match &args.ood {
-        Some(spec) => {
-            let (n, make) = ood_inputs(spec, &l, args.limit, args.common.seed)?;
-            let op = predict_all(&l, n, &args.common, "ood", &*make)?;
-            let osc = scores(&op);
-            Some(OodReport { data: spec.clone(), inputs: n, auroc: auroc_table(&osc, &sc)? })
-        }
-        None => None,
-    };
+    let mut ood = Vec::new();
+    for spec in &args.ood {
+        let (n, make) = ood_inputs(spec, &l, args.limit, args.common.seed)?;
+        let op = predict_all(&l, n, &args.common, "ood", &*make)?;
+        let osc = scores(&op);
+        ood.push(OodReport { data: spec.clone(), inputs: n, auroc: auroc_table(&osc, &sc)? });
+    }
     let secs = started.elapsed().as_secs_f64();
 
     std::fs::create_dir_all(&args.output).with_context(|| format!("creating {}", args.output.display()))?;
@@ -944,7 +942,7 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
     if let serde_json::Value::Object(m) = &error_detection {
         let _ = writeln!(s, "misclassification AUROC: {}", fmt_auroc(m));
     }
-    if let Some(o) = &ood {
+    for o in &ood {
         if let serde_json::Value::Object(m) = &o.auroc {
             let _ = writeln!(s, "OOD AUROC vs {} ({} inputs): {}", o.data, o.inputs, fmt_auroc(m));
         }

@@ -143,7 +143,7 @@ fn eval_reports_calibration_and_ood_and_agrees_with_train() {
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(r["mean_mode"]["accuracy"], m["eval"]["accuracy"], "eval vs train: {r} {m}");
     assert!((r["mean_mode"]["nll"].as_f64().unwrap() - m["eval"]["loss"].as_f64().unwrap()).abs() < 1e-5);
-    let ood = &r["ood"];
+    let ood = &r["ood"][0];
     assert_eq!(ood["inputs"], 3);
     for k in ["mean_mode_msp", "mc_entropy", "mc_mutual_information"] {
         let v = ood["auroc"][k].as_f64().unwrap();
@@ -177,7 +177,7 @@ fn image_predict_and_eval_with_noise_ood() {
     ]);
     assert!(o.status.success(), "{}", show(&o));
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ev.join("eval.json")).unwrap()).unwrap();
-    assert_eq!(r["ood"]["inputs"], 3);
+    assert_eq!(r["ood"][0]["inputs"], 3);
 }
 
 #[test]
