@@ -202,6 +202,7 @@ pub fn run_infer(args: InferArgs) -> Result<u8> {
     }
     let inputs = read_inputs(&args.inputs, &device)?;
     pm.eval()?;
+    pm.state().set_grad_enabled(false)?;
     pm.state().manual_seed(args.seed)?;
     if args.sample {
         pm.state().set_sampling(Sampling::Always)?;

@@ -522,6 +522,7 @@ fn run_classification(
         let best = args.output.join("best");
         load_adapter_weights(&mut pm, &best).with_context(|| format!("loading {}", best.display()))?;
         pm.eval()?;
+        pm.state().set_grad_enabled(false)?;
         let t0 = Instant::now();
         let mut preds: Vec<(usize, u32, u32, f32)> = Vec::with_capacity(idx.len());
         let mut loss_sum = 0.0f64;
@@ -631,6 +632,7 @@ fn run_causal(
         let best = args.output.join("best");
         load_adapter_weights(&mut pm, &best).with_context(|| format!("loading {}", best.display()))?;
         pm.eval()?;
+        pm.state().set_grad_enabled(false)?;
         let (mut sum, mut tokens) = (0.0f64, 0usize);
         let idx: Vec<usize> = (0..eval.len()).collect();
         for chunk in idx.chunks(args.batch_size.max(1)) {

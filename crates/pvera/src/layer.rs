@@ -631,13 +631,17 @@ impl Site {
         let in_dtype = x.dtype();
 
         let view = self.state.forward_view();
+        // With gradients off (RunState::no_grad, as torch.no_grad) trainable variables enter
+        // detached, so the forward builds no autograd graph and frees every intermediate at once
+        // (an inference pass over a deep model otherwise keeps all layers' activations alive).
+        let track = view.grad_enabled;
         if view.disabled {
             if !self.read()?.merged.is_empty() {
                 self.unmerge()?;
             }
             let g = self.read()?;
-            let bias = g.bias_var.as_ref().map(|v| v.as_tensor()).or(g.bias.as_ref());
-            let y = self.base_forward(&x2, &g.weight, bias)?;
+            let bias = g.bias_var.as_ref().map(|v| live(v, track)).or_else(|| g.bias.clone());
+            let y = self.base_forward(&x2, &g.weight, bias.as_ref())?;
             return finish(y, lead, self.out_features, in_dtype);
         }
 
@@ -645,11 +649,12 @@ impl Site {
         let active = &view.active;
         // modules_to_save: the first active adapter with a copy replaces the whole layer.
         if let Some(copy) = active.iter().find_map(|a| g.copies.get(a)) {
-            let y = self.base_forward(&x2, copy.weight.as_tensor(), copy.bias.as_ref().map(|b| b.as_tensor()))?;
+            let cb = copy.bias.as_ref().map(|b| live(b, track));
+            let y = self.base_forward(&x2, &live(&copy.weight, track), cb.as_ref())?;
             return finish(y, lead, self.out_features, in_dtype);
         }
-        let bias = g.bias_var.as_ref().map(|v| v.as_tensor()).or(g.bias.as_ref());
-        let mut y = self.base_forward(&x2, &g.weight, bias)?;
+        let bias = g.bias_var.as_ref().map(|v| live(v, track)).or_else(|| g.bias.clone());
+        let mut y = self.base_forward(&x2, &g.weight, bias.as_ref())?;
         if !g.merged.is_empty() {
             return finish(y, lead, self.out_features, in_dtype);
         }
@@ -682,6 +687,7 @@ impl Site {
         view: &ForwardView,
     ) -> Result<Tensor> {
         let training = view.mode == Mode::Train;
+        let track = view.grad_enabled;
         let n = x32.dims()[0];
         let r = slot.r;
         let p = &slot.projections;
@@ -695,7 +701,7 @@ impl Site {
             x32.clone()
         };
         let a_t = p.a_slice_t(self.in_features)?; // (in, 2R)
-        let h = xd.matmul(&a_t)?.broadcast_mul(slot.lambda_d.as_tensor())?; // (n, 2R)
+        let h = xd.matmul(&a_t)?.broadcast_mul(&live(&slot.lambda_d, track))?; // (n, 2R)
         let mu = h.narrow(1, 0, r)?;
         let sample = training
             || match view.sampling {
@@ -724,7 +730,16 @@ impl Site {
             mu
         };
         let b_t = p.b_slice_t(self.out_features)?; // (R, out)
-        Ok(z.matmul(&b_t)?.broadcast_mul(slot.lambda_b.as_tensor())?)
+        Ok(z.matmul(&b_t)?.broadcast_mul(&live(&slot.lambda_b, track))?)
+    }
+}
+
+/// A variable as a forward input: tracked for autograd when gradients are on, detached otherwise.
+fn live(v: &Var, track: bool) -> Tensor {
+    if track {
+        v.as_tensor().clone()
+    } else {
+        v.as_tensor().detach()
     }
 }
 

@@ -71,6 +71,8 @@ pub struct ForwardView {
     pub disabled: bool,
     /// Record KL terms in training.
     pub collect_kl: bool,
+    /// Build the autograd graph through trainable variables (torch's grad mode).
+    pub grad_enabled: bool,
 }
 
 #[derive(Debug)]
@@ -81,6 +83,7 @@ struct Flags {
     disabled: bool,
     collect_kl: bool,
     noise: NoisePolicy,
+    grad_enabled: bool,
 }
 
 /// The shared state of one model (see the module docs).
@@ -114,6 +117,7 @@ impl RunState {
                 disabled: false,
                 collect_kl: true,
                 noise: NoisePolicy::PeftCompatible,
+                grad_enabled: true,
             }),
             kl: Mutex::new(Vec::new()),
             global: Mutex::new(TorchGenerator::new(seed)),
@@ -129,6 +133,7 @@ impl RunState {
                 active: f.active.clone(),
                 disabled: f.disabled,
                 collect_kl: f.collect_kl,
+                grad_enabled: f.grad_enabled,
             },
             Err(_) => ForwardView {
                 mode: Mode::Eval,
@@ -136,6 +141,7 @@ impl RunState {
                 active: Vec::new(),
                 disabled: false,
                 collect_kl: true,
+                grad_enabled: true,
             },
         }
     }
@@ -148,6 +154,26 @@ impl RunState {
     pub fn set_mode(&self, mode: Mode) -> Result<()> {
         self.flags.write().map_err(|_| poisoned())?.mode = mode;
         Ok(())
+    }
+    /// Whether forwards build the autograd graph through trainable variables (default true, as
+    /// torch's grad mode; independent of train/eval mode).
+    pub fn grad_enabled(&self) -> bool {
+        self.flags.read().map(|f| f.grad_enabled).unwrap_or(true)
+    }
+    /// Switches gradient tracking (torch's `set_grad_enabled`). Off, trainable variables enter
+    /// forwards detached: no graph is built and every intermediate is freed as soon as it is used,
+    /// which is what inference wants (memory of one layer instead of all layers).
+    pub fn set_grad_enabled(&self, on: bool) -> Result<()> {
+        self.flags.write().map_err(|_| poisoned())?.grad_enabled = on;
+        Ok(())
+    }
+    /// Runs `f` with gradient tracking off (torch's `no_grad`), restoring the previous setting.
+    pub fn no_grad<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let before = self.grad_enabled();
+        self.set_grad_enabled(false)?;
+        let out = f();
+        self.set_grad_enabled(before)?;
+        Ok(out)
     }
     /// Current sampling override.
     pub fn sampling(&self) -> Sampling {

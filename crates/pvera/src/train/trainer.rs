@@ -875,7 +875,8 @@ impl Trainer {
             let mut val_batches = 0usize;
             for batch in data.val_batches()? {
                 let batch = batch?;
-                let out = task.step(model, &batch)?;
+                // no autograd graph for validation: activations are freed layer by layer
+                let out = model.state().no_grad(|| task.step(model, &batch))??;
                 model.state().drain_kl()?;
                 let loss = scalar_f64(&out.loss, "the task's validation loss")?;
                 if !loss.is_finite() {

@@ -171,12 +171,14 @@ struct Restore<'a> {
     state: &'a RunState,
     mode: Mode,
     sampling: Sampling,
+    grad: bool,
 }
 
 impl Drop for Restore<'_> {
     fn drop(&mut self) {
         let _ = self.state.set_mode(self.mode);
         let _ = self.state.set_sampling(self.sampling);
+        let _ = self.state.set_grad_enabled(self.grad);
     }
 }
 
@@ -204,8 +206,8 @@ fn softmax_rows(logits: &Tensor, rows: usize) -> Result<(Vec<f64>, usize)> {
 }
 
 /// Monte Carlo prediction of `input` with `model`: `forward` maps an input of `n` rows to logits
-/// (or log-probabilities) `(n, C)`. The model is put in eval mode with sampling on for the call
-/// and restored afterwards. Fails on merged adapters (a merged layer cannot sample).
+/// (or log-probabilities) `(n, C)`. The model is put in eval mode with sampling on and gradients
+/// off for the call, and restored afterwards. Fails on merged adapters (a merged layer cannot sample).
 pub fn mc_predict<M, I, F>(model: &PeftModel<M>, input: &I, cfg: &McConfig, forward: F) -> Result<McOutput>
 where
     I: McInput,
@@ -224,8 +226,10 @@ where
         }
     }
     let state = model.state();
-    let _restore = Restore { state, mode: state.mode(), sampling: state.sampling() };
+    let _restore = Restore { state, mode: state.mode(), sampling: state.sampling(), grad: state.grad_enabled() };
     state.set_mode(Mode::Eval)?;
+    // inference only: no autograd graph, so each layer's activations are freed as soon as used
+    state.set_grad_enabled(false)?;
     let b = input.rows()?;
     if b == 0 {
         return Err(Error::Model("Monte Carlo prediction of an empty batch".into()));

@@ -243,3 +243,28 @@ fn auroc_matches_sklearn() {
         close(got, c["auroc"].as_f64().unwrap(), 1e-12, &format!("case {i} AUROC"));
     }
 }
+
+#[test]
+fn no_grad_builds_no_graph_and_changes_no_output() {
+    let io = io();
+    let d = dir().join("mc_peft");
+    let (m, reg, info) = build_base_from(&d.join("base_model.safetensors"), DType::F32, false);
+    let pm = PeftModel::from_pretrained(m, reg, info, &d.join("adapter_seeded"), "default", true).unwrap();
+    pm.eval().unwrap();
+    pm.state().set_sampling(Sampling::Never).unwrap();
+    let x = &io["x"];
+    let with = pm.model().forward(x).unwrap();
+    // gradients on (the default, in eval mode too, as torch): the output depends on λ
+    let grads = with.sum_all().unwrap().backward().unwrap();
+    let vars = pm.trainable_vars().unwrap();
+    assert_eq!(vars.len(), 4, "λ_b and λ_d of lin1 and lin2");
+    assert!(vars.iter().all(|v| grads.get(v.var.as_tensor()).is_some()));
+    let without = pm.state().no_grad(|| pm.model().forward(x).unwrap()).unwrap();
+    assert_eq!(flat_f64(&with), flat_f64(&without));
+    let grads = without.sum_all().unwrap().backward().unwrap();
+    assert!(vars.iter().all(|v| grads.get(v.var.as_tensor()).is_none()), "no_grad must not track λ");
+    assert!(pm.state().grad_enabled(), "no_grad restores the setting");
+    // mc_predict turns gradients off for its call and restores them
+    run(&pm, x, &McConfig { samples: 2, ..Default::default() });
+    assert!(pm.state().grad_enabled());
+}
