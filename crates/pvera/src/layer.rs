@@ -711,6 +711,7 @@ impl Site {
             };
         let z = if sample {
             let logvar = h.narrow(1, r, r)?;
+            check_logvar(&logvar, &self.path, name)?;
             let eps = match &slot.generator {
                 Some(gen) => gen.lock().map_err(|_| poisoned())?.randn_f32(n * r),
                 None => self.state.with_global_generator(|g| g.randn_f32(n * r))?,
@@ -732,6 +733,34 @@ impl Site {
         let b_t = p.b_slice_t(self.out_features)?; // (R, out)
         Ok(z.matmul(&b_t)?.broadcast_mul(&live(&slot.lambda_b, track))?)
     }
+}
+
+/// Largest log-variance the sampled path accepts: `exp(88) ≈ 1.65e38` is the last power of e
+/// below f32's maximum (3.4e38), so `exp(0.5·logvar)` (the standard deviation) and the KL term's
+/// `exp(logvar)` stay finite. PEFT has no guard: past it, its outputs or KL become inf/NaN.
+pub const LOGVAR_LIMIT: f32 = 88.0;
+
+/// The overflow guard of the sampled path: a log-variance above [`LOGVAR_LIMIT`] (or NaN) is an
+/// error naming the module and adapter instead of an infinite standard deviation that would turn
+/// the outputs into inf/NaN. Values up to the limit are used unchanged (parity with PEFT wherever
+/// PEFT's result is finite). One max-reduction over `(rows, r)` per sampled layer.
+fn check_logvar(logvar: &Tensor, path: &str, adapter: &str) -> Result<()> {
+    let peak = logvar.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    if peak <= LOGVAR_LIMIT {
+        return Ok(());
+    }
+    let v = logvar.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let count = v.iter().filter(|x| !(**x <= LOGVAR_LIMIT)).count().max(1);
+    let worst = v.iter().copied().fold(f32::NEG_INFINITY, |a, b| if b.is_nan() || a.is_nan() { f32::NAN } else { a.max(b) });
+    Err(Error::NonFinite {
+        what: format!("{path}: adapter `{adapter}`: sampled log-variance (λ_d ⊙ A·x, second half)"),
+        count,
+        hint: format!(
+            " in the standard deviation exp(logvar / 2): max logvar {worst} > {LOGVAR_LIMIT} overflows f32. λ_d \
+             has grown too large: lower the learning rate (or β of the KL term), clip gradients, or use an earlier \
+             checkpoint; the mean path (no sampling) is unaffected"
+        ),
+    })
 }
 
 /// A variable as a forward input: tracked for autograd when gradients are on, detached otherwise.

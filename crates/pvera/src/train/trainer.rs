@@ -989,7 +989,24 @@ impl Trainer {
             if let Some(batch) = next {
                 let batch = batch?;
                 micro += 1;
-                let out = task.step(model, &batch)?;
+                let out = match task.step(model, &batch) {
+                    Ok(out) => out,
+                    // the layers' overflow guard (or any non-finite value found in the forward)
+                    // stops training like a non-finite loss: step named, checkpoints intact
+                    Err(Error::NonFinite { what, count, hint }) => {
+                        let step = self.steps_done();
+                        return Err(self.non_finite(
+                            format!(
+                                "forward pass in epoch {}, micro-batch {micro}, before optimizer step {}: {what}{hint}",
+                                epoch + 1,
+                                step + 1
+                            ),
+                            count,
+                            epoch,
+                        ));
+                    }
+                    Err(e) => return Err(e),
+                };
                 let kl = model.state().drain_kl_mean()?;
                 let loss_v = scalar_f64(&out.loss, "the task's training loss")?;
                 let kl_v = match &kl {

@@ -567,6 +567,8 @@ fn check_load(case: &str, adapter_dir: &Path, bytes: &[u8]) -> Result<(), String
                 }
                 match pm.model().forward(c.t("input")) {
                     Ok(_) => Ok(()),
+                    // the sampled path's overflow guard (huge λ_d): a typed error naming the module
+                    Err(Error::NonFinite { what, .. }) if what.contains("log-variance") => Ok(()),
                     Err(e) => Err(format!("loaded but forward failed: {e}")),
                 }
             }

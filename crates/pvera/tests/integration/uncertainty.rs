@@ -268,3 +268,23 @@ fn no_grad_builds_no_graph_and_changes_no_output() {
     run(&pm, x, &McConfig { samples: 2, ..Default::default() });
     assert!(pm.state().grad_enabled());
 }
+
+#[test]
+fn logvar_overflow_is_a_named_error_and_the_mean_path_is_unaffected() {
+    let io = io();
+    let pm = load("adapter_seeded");
+    let site = pm.registry().site("lin2").unwrap().clone();
+    let (lb, ld) = site.with_slot("default", |s| (s.lambda_b().as_tensor().clone(), s.lambda_d().as_tensor().clone())).unwrap();
+    // large enough that some logvar = λ_d ⊙ (A·h) exceeds 88 on these inputs
+    let big: Vec<f32> = ld.to_vec1::<f32>().unwrap().iter().map(|v| v * 1e4).collect();
+    site.set_lambdas("default", &lb.copy().unwrap(), &Tensor::new(big, &Device::Cpu).unwrap()).unwrap();
+    pm.state().set_sampling(Sampling::Always).unwrap();
+    let e = pm.model().forward(&io["x"]).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, pvera::Error::NonFinite { .. }), "{e:?}");
+    assert!(msg.contains("lin2") && msg.contains("log-variance") && msg.contains("learning rate"), "{msg}");
+    pm.state().set_sampling(Sampling::Never).unwrap();
+    let y = pm.model().forward(&io["x"]).unwrap();
+    assert!(flat_f64(&y).iter().all(|v| v.is_finite()));
+    assert!(mc_predict(&pm, &io["x"], &McConfig::default(), |x: &Tensor| pm.model().forward(x)).is_err());
+}
