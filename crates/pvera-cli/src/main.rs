@@ -17,6 +17,7 @@
 //! `train` also answers 2 for flag values or data it cannot use (a task that does not fit the
 //! model, a split that leaves no examples, ...).
 
+mod bench;
 mod infer;
 mod inspect;
 mod predict;
@@ -55,6 +56,9 @@ enum Command {
     /// Calibration (accuracy, NLL, Brier, ECE, reliability diagram) of mean-mode vs Monte Carlo
     /// predictions on a labelled set, and out-of-distribution AUROC against a second set.
     Eval(Box<predict::EvalArgs>),
+    /// Time the hot paths (eval, merged, training step, Monte Carlo, GEMM peak) on one model;
+    /// `tools/bench_peft.py` runs it side by side with PyTorch + PEFT.
+    Bench(Box<bench::BenchArgs>),
 }
 
 /// Exit code for a library error (see the crate docs).
@@ -95,7 +99,27 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
     1
 }
 
+/// glibc returns every freed block above its mmap threshold (128 KiB at first) to the kernel, so
+/// each tensor of a forward pass is a fresh `mmap`, page-faulted in and unmapped again; for
+/// MiniLM that doubled the time of an eval forward. Keep such blocks in the heap instead.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum on 64-bit
+        mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -113,6 +137,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(*args),
         Command::Predict(args) => predict::run_predict(*args),
         Command::Eval(args) => predict::run_eval(*args),
+        Command::Bench(args) => bench::run(*args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

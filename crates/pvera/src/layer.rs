@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::ops::matmul_const;
 use crate::projection::Projections;
 use crate::rng::TorchGenerator;
 use crate::state::{ForwardView, KlTerm, Mode, RunState, Sampling};
@@ -104,6 +105,17 @@ impl AdapterSlot {
     pub fn trainable(&self) -> bool {
         self.trainable
     }
+    /// (λ_b, λ_d) as the forward pass uses them: the variables when trainable and gradients are
+    /// on (`track`, the run state's grad mode), detached otherwise (PEFT's `requires_grad=False`
+    /// for inference adapters; torch's `no_grad`), so an inference forward builds no autograd
+    /// graph and frees every intermediate as soon as it is used.
+    fn lambdas(&self, track: bool) -> (Tensor, Tensor) {
+        if self.trainable && track {
+            (self.lambda_b.as_tensor().clone(), self.lambda_d.as_tensor().clone())
+        } else {
+            (self.lambda_b.as_detached_tensor(), self.lambda_d.as_detached_tensor())
+        }
+    }
     /// The initial seed of this layer's own generator, if any.
     pub fn generator_seed(&self) -> Option<u64> {
         self.generator.as_ref().and_then(|g| g.lock().ok().map(|g| g.initial_seed()))
@@ -139,6 +151,18 @@ pub struct Site {
     kind: LinearKind,
     state: Arc<RunState>,
     inner: RwLock<SiteInner>,
+    /// Eval-mode merged weight, rebuilt when its key no longer matches ([`RunState::set_auto_merge`]).
+    auto: Mutex<Option<AutoMerged>>,
+}
+
+/// A cached `W + Σ ΔW` and everything it was computed from. It is used only while all of these
+/// still match, so any change (new base weight, other active adapters, other projections, a λ
+/// updated by an optimiser, `set_lambdas` or `Var::set`) rebuilds it.
+#[derive(Debug)]
+struct AutoMerged {
+    weight_id: candle_core::TensorId,
+    adapters: Vec<(String, usize, Vec<f32>, Vec<f32>)>,
+    merged: Tensor,
 }
 
 /// The handle models hold for every linear layer; cheap to clone, `Send + Sync`.
@@ -196,6 +220,7 @@ impl Linear {
                 merged: Vec::new(),
                 copies: BTreeMap::new(),
             }),
+            auto: Mutex::new(None),
         })))
     }
 
@@ -554,7 +579,9 @@ impl Site {
                     });
                 }
             }
-            g.weight = merged.to_dtype(dtype)?;
+            // Detached: merging happens under no_grad in PEFT; a weight that carried the λ's
+            // graph made every later forward keep its whole graph alive (18 GB in `pvera bench`).
+            g.weight = merged.to_dtype(dtype)?.detach();
             g.merged.push(name.clone());
             done.push(name);
         }
@@ -569,7 +596,7 @@ impl Site {
             if g.adapters.contains_key(&name) {
                 let dw = self.delta_weight_locked(&g, &name)?;
                 let dtype = g.weight.dtype();
-                g.weight = (g.weight.to_dtype(DType::F32)? - dw)?.to_dtype(dtype)?;
+                g.weight = (g.weight.to_dtype(DType::F32)? - dw)?.to_dtype(dtype)?.detach();
             }
             n += 1;
         }
@@ -588,17 +615,22 @@ impl Site {
         Ok(())
     }
 
+    /// `x2 · Wᵀ + b` (Conv1D: `x2 · W + b`). `frozen`: the weight needs no gradient (the base
+    /// weight, as opposed to a trainable `modules_to_save` copy), so the backward pass computes
+    /// only the input gradient ([`crate::ops::matmul_const`]).
     fn base_forward(
         &self,
         x2: &Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
+        frozen: bool,
     ) -> Result<Tensor> {
         let x2 = if x2.dtype() != weight.dtype() { x2.to_dtype(weight.dtype())? } else { x2.clone() };
-        let y = match self.kind {
-            LinearKind::Linear => x2.matmul(&weight.t()?)?,
-            LinearKind::Conv1D => x2.matmul(weight)?,
+        let rhs = match self.kind {
+            LinearKind::Linear => weight.t()?,
+            LinearKind::Conv1D => weight.clone(),
         };
+        let y = if frozen { matmul_const(&x2, &rhs)? } else { x2.matmul(&rhs)? };
         Ok(match bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
@@ -641,7 +673,7 @@ impl Site {
             }
             let g = self.read()?;
             let bias = g.bias_var.as_ref().map(|v| live(v, track)).or_else(|| g.bias.clone());
-            let y = self.base_forward(&x2, &g.weight, bias.as_ref())?;
+            let y = self.base_forward(&x2, &g.weight, bias.as_ref(), true)?;
             return finish(y, lead, self.out_features, in_dtype);
         }
 
@@ -650,11 +682,46 @@ impl Site {
         // modules_to_save: the first active adapter with a copy replaces the whole layer.
         if let Some(copy) = active.iter().find_map(|a| g.copies.get(a)) {
             let cb = copy.bias.as_ref().map(|b| live(b, track));
-            let y = self.base_forward(&x2, &live(&copy.weight, track), cb.as_ref())?;
+            let y = self.base_forward(&x2, &live(&copy.weight, track), cb.as_ref(), false)?;
             return finish(y, lead, self.out_features, in_dtype);
         }
         let bias = g.bias_var.as_ref().map(|v| live(v, track)).or_else(|| g.bias.clone());
-        let mut y = self.base_forward(&x2, &g.weight, bias.as_ref())?;
+        let bias = bias.as_ref();
+        let auto = g.merged.is_empty()
+            && view.mode == Mode::Eval
+            && view.auto_merge
+            && active.iter().filter_map(|n| g.adapters.get(n)).all(|s| {
+                // A trainable λ needs its gradient; sampling keeps PEFT's exact sums unless asked.
+                !s.trainable && (view.merged_sampling || !samples(s, &view))
+            });
+        if auto {
+            if let Some(w) = self.auto_merged_weight(&g, active)? {
+                // Mean paths merged; only sampling adapters add their low-rank noise path.
+                let mut y = self.base_forward(&x2, &w, bias, true)?;
+                let mut xf: Option<Tensor> = None;
+                for name in active {
+                    let Some(slot) = g.adapters.get(name) else { continue };
+                    if !samples(slot, &view) {
+                        continue;
+                    }
+                    let x32 = match &xf {
+                        Some(t) => t.clone(),
+                        None => {
+                            let t = x2.to_dtype(DType::F32)?;
+                            xf = Some(t.clone());
+                            t
+                        }
+                    };
+                    let noise = self.noise_delta(slot, name, &x32)?;
+                    if y.dtype() != DType::F32 {
+                        y = y.to_dtype(DType::F32)?;
+                    }
+                    y = (y + noise)?;
+                }
+                return finish(y, lead, self.out_features, in_dtype);
+            }
+        }
+        let mut y = self.base_forward(&x2, &g.weight, bias, true)?;
         if !g.merged.is_empty() {
             return finish(y, lead, self.out_features, in_dtype);
         }
@@ -679,6 +746,63 @@ impl Site {
         finish(y, lead, self.out_features, in_dtype)
     }
 
+    /// The eval-mode merged weight `W + Σ_active ΔW` (f32 base weights only), from the cache when
+    /// it still matches; `None` when no active adapter lives here or the weight is not f32.
+    fn auto_merged_weight(&self, g: &SiteInner, active: &[String]) -> Result<Option<Tensor>> {
+        if g.weight.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let mut key = Vec::new();
+        for name in active {
+            let Some(slot) = g.adapters.get(name) else { continue };
+            key.push((
+                name.clone(),
+                Arc::as_ptr(&slot.projections) as usize,
+                slot.lambda_b.as_tensor().to_vec1::<f32>()?,
+                slot.lambda_d.as_tensor().to_vec1::<f32>()?,
+            ));
+        }
+        if key.is_empty() {
+            return Ok(None);
+        }
+        let mut cache = self.auto.lock().map_err(|_| poisoned())?;
+        if let Some(c) = cache.as_ref() {
+            if c.weight_id == g.weight.id() && c.adapters == key {
+                return Ok(Some(c.merged.clone()));
+            }
+        }
+        // The same sums `merge` makes, in the same order.
+        let mut w = g.weight.clone();
+        for (name, ..) in &key {
+            w = (w + self.delta_weight_locked(g, name)?.detach())?;
+        }
+        let w = w.detach();
+        *cache = Some(AutoMerged { weight_id: g.weight.id(), adapters: key, merged: w.clone() });
+        Ok(Some(w))
+    }
+
+    /// The noise path of a sampling adapter whose mean path is merged:
+    /// `λ_b ⊙ ((ε ⊙ exp(0.5 · λ_d[R:] ⊙ (x · A[R:]ᵀ))) · Bᵀ)`, drawing ε exactly as the unmerged
+    /// path does (n·r values from the same generator).
+    fn noise_delta(&self, slot: &AdapterSlot, name: &str, x32: &Tensor) -> Result<Tensor> {
+        let n = x32.dims()[0];
+        let r = slot.r;
+        let p = &slot.projections;
+        let a_t = p.a_slice_t(self.in_features)?.narrow(1, r, r)?; // (in, R), the logvar half
+        let (lb, ld) = slot.lambdas(false);
+        let ld = ld.narrow(0, r, r)?;
+        let logvar = matmul_const(x32, &a_t)?.broadcast_mul(&ld)?;
+        check_logvar(&logvar, &self.path, name)?;
+        let eps = match &slot.generator {
+            Some(gen) => gen.lock().map_err(|_| poisoned())?.randn_f32(n * r),
+            None => self.state.with_global_generator(|g| g.randn_f32(n * r))?,
+        };
+        let eps = Tensor::from_vec(eps, (n, r), x32.device())?;
+        let z = (eps * (&logvar * 0.5)?.exp()?)?;
+        let b_t = p.b_slice_t(self.out_features)?; // (R, out)
+        Ok(matmul_const(&z, &b_t)?.broadcast_mul(&lb)?)
+    }
+
     fn adapter_delta(
         &self,
         slot: &AdapterSlot,
@@ -700,15 +824,11 @@ impl Site {
         } else {
             x32.clone()
         };
+        let (lb, ld) = slot.lambdas(track);
         let a_t = p.a_slice_t(self.in_features)?; // (in, 2R)
-        let h = xd.matmul(&a_t)?.broadcast_mul(&live(&slot.lambda_d, track))?; // (n, 2R)
+        let h = matmul_const(&xd, &a_t)?.broadcast_mul(&ld)?; // (n, 2R)
         let mu = h.narrow(1, 0, r)?;
-        let sample = training
-            || match view.sampling {
-                Sampling::FromConfig => slot.sample_at_inference,
-                Sampling::Always => true,
-                Sampling::Never => false,
-            };
+        let sample = training || samples(slot, view);
         let z = if sample {
             let logvar = h.narrow(1, r, r)?;
             check_logvar(&logvar, &self.path, name)?;
@@ -731,7 +851,7 @@ impl Site {
             mu
         };
         let b_t = p.b_slice_t(self.out_features)?; // (R, out)
-        Ok(z.matmul(&b_t)?.broadcast_mul(&live(&slot.lambda_b, track))?)
+        Ok(matmul_const(&z, &b_t)?.broadcast_mul(&lb)?)
     }
 }
 
@@ -772,6 +892,15 @@ fn live(v: &Var, track: bool) -> Tensor {
     }
 }
 
+/// Whether an adapter samples its latent in an eval-mode forward.
+fn samples(slot: &AdapterSlot, view: &ForwardView) -> bool {
+    match view.sampling {
+        Sampling::FromConfig => slot.sample_at_inference,
+        Sampling::Always => true,
+        Sampling::Never => false,
+    }
+}
+
 /// `-0.5 * mean(1 + logvar - mu² - exp(logvar))`: KL(N(mu, exp(logvar)) ‖ N(0, 1)) averaged over
 /// all elements, as the PVeRA paper's code computes it.
 pub fn kl_term(mu: &Tensor, logvar: &Tensor) -> Result<Tensor> {
@@ -791,4 +920,105 @@ fn finish(y: Tensor, lead: &[usize], out: usize, dtype: DType) -> Result<Tensor>
 pub fn count_non_finite(t: &Tensor) -> Result<usize> {
     let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     Ok(v.iter().filter(|x| !x.is_finite()).count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn layer(state: Arc<RunState>) -> Linear {
+        let dev = Device::Cpu;
+        let w: Vec<f32> = (0..6 * 5).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
+        let w = Tensor::from_vec(w, (6, 5), &dev).unwrap();
+        let b = Tensor::from_vec(vec![0.1f32; 6], 6, &dev).unwrap();
+        let lin = Linear::new("lin", w, Some(b), LinearKind::Linear, state).unwrap();
+        let p = Arc::new(Projections::generate(0, 3, 5, 6, crate::TorchKernel::default(), &dev).unwrap());
+        let spec = SlotSpec {
+            r: 3,
+            dropout: 0.0,
+            sample_at_inference: false,
+            generator_seed: Some(7),
+            init_weights: false,
+            d_initial: 0.1,
+            trainable: false,
+        };
+        let mut g = TorchGenerator::new(1);
+        lin.site().add_adapter("default", p, &spec, &mut g).unwrap();
+        lin
+    }
+
+    fn out(lin: &Linear, x: &Tensor) -> Vec<Vec<f32>> {
+        lin.forward(x).unwrap().to_vec2::<f32>().unwrap()
+    }
+
+    fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+        a.iter().flatten().zip(b.iter().flatten()).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn auto_merge_leaves_trainable_adapters_differentiable() {
+        let state = Arc::new(RunState::new(0));
+        let lin = layer(state.clone());
+        lin.site().set_trainable("default", true).unwrap();
+        let x = Tensor::from_vec((0..10).map(|i| i as f32 * 0.1).collect::<Vec<_>>(), (2, 5), &Device::Cpu).unwrap();
+        let y = lin.forward(&x).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let lb = lin.site().with_slot("default", |s| s.lambda_b().clone()).unwrap();
+        assert!(grads.get(lb.as_tensor()).is_some(), "λ_b of a trainable adapter gets a gradient in eval mode");
+    }
+
+    #[test]
+    fn auto_merge_matches_the_unmerged_path_and_follows_lambda_updates() {
+        let state = Arc::new(RunState::new(0));
+        let lin = layer(state.clone());
+        let x: Vec<f32> = (0..4 * 5).map(|i| (i as f32 * 0.3).sin()).collect();
+        let x = Tensor::from_vec(x, (4, 5), &Device::Cpu).unwrap();
+        assert!(state.auto_merge(), "on by default");
+        let auto = out(&lin, &x);
+        state.set_auto_merge(false).unwrap();
+        let plain = out(&lin, &x);
+        assert!(max_diff(&auto, &plain) < 1e-5, "merged and unmerged agree up to rounding");
+        assert!(lin.site().merged_adapters().unwrap().is_empty(), "auto-merge is invisible to merge state");
+
+        // A λ update (as an optimiser or set_lambdas makes) must invalidate the cached weight.
+        state.set_auto_merge(true).unwrap();
+        let lb = Tensor::from_vec(vec![2f32; 6], 6, &Device::Cpu).unwrap();
+        let ld = lin.site().with_slot("default", |s| s.lambda_d().as_detached_tensor().copy()).unwrap().unwrap();
+        lin.site().set_lambdas("default", &lb, &ld).unwrap();
+        let auto2 = out(&lin, &x);
+        state.set_auto_merge(false).unwrap();
+        let plain2 = out(&lin, &x);
+        assert!(max_diff(&auto2, &plain2) < 1e-5);
+        assert!(max_diff(&auto2, &auto) > 1e-3, "the new λ_b changed the output");
+
+        // An explicit merge / unmerge still round-trips with auto-merge on.
+        state.set_auto_merge(true).unwrap();
+        lin.site().merge(None, false).unwrap();
+        assert!(!lin.site().weight().unwrap().track_op(), "a merged weight carries no λ graph");
+        let merged = out(&lin, &x);
+        lin.site().unmerge().unwrap();
+        assert!(!lin.site().weight().unwrap().track_op());
+        assert!(max_diff(&merged, &plain2) < 1e-5);
+        assert!(max_diff(&out(&lin, &x), &plain2) < 1e-5);
+    }
+
+    #[test]
+    fn sampling_with_the_mean_merged_draws_the_same_noise() {
+        let state = Arc::new(RunState::new(0));
+        let lin = layer(state.clone());
+        let x: Vec<f32> = (0..4 * 5).map(|i| (i as f32 * 0.7).cos()).collect();
+        let x = Tensor::from_vec(x, (4, 5), &Device::Cpu).unwrap();
+        state.set_sampling(Sampling::Always).unwrap();
+        state.set_merged_sampling(true).unwrap();
+        let a = out(&lin, &x);
+        let a2 = out(&lin, &x); // the layer's generator moved on: other noise
+        state.set_auto_merge(false).unwrap();
+        lin.site().set_generator_seed("default", Some(7)).unwrap();
+        let b = out(&lin, &x);
+        let b2 = out(&lin, &x);
+        assert!(max_diff(&a, &b) < 1e-5, "same ε, same result up to rounding");
+        assert!(max_diff(&a2, &b2) < 1e-5);
+        assert!(max_diff(&a, &a2) > 1e-4, "consecutive draws differ");
+    }
 }

@@ -27,6 +27,7 @@ pub mod error;
 pub mod inject;
 pub mod layer;
 pub mod models;
+pub mod ops;
 pub mod peft_model;
 pub mod projection;
 pub mod rng;

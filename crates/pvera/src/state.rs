@@ -73,6 +73,10 @@ pub struct ForwardView {
     pub collect_kl: bool,
     /// Build the autograd graph through trainable variables (torch's grad mode).
     pub grad_enabled: bool,
+    /// Eval mode may use cached merged weights (see [`RunState::set_auto_merge`]).
+    pub auto_merge: bool,
+    /// ... also while sampling (see [`RunState::set_merged_sampling`]).
+    pub merged_sampling: bool,
 }
 
 #[derive(Debug)]
@@ -82,6 +86,8 @@ struct Flags {
     active: Vec<String>,
     disabled: bool,
     collect_kl: bool,
+    auto_merge: bool,
+    merged_sampling: bool,
     noise: NoisePolicy,
     grad_enabled: bool,
 }
@@ -116,6 +122,8 @@ impl RunState {
                 active: vec!["default".to_string()],
                 disabled: false,
                 collect_kl: true,
+                auto_merge: true,
+                merged_sampling: false,
                 noise: NoisePolicy::PeftCompatible,
                 grad_enabled: true,
             }),
@@ -134,6 +142,8 @@ impl RunState {
                 disabled: f.disabled,
                 collect_kl: f.collect_kl,
                 grad_enabled: f.grad_enabled,
+                auto_merge: f.auto_merge,
+                merged_sampling: f.merged_sampling,
             },
             Err(_) => ForwardView {
                 mode: Mode::Eval,
@@ -142,6 +152,8 @@ impl RunState {
                 disabled: false,
                 collect_kl: true,
                 grad_enabled: true,
+                auto_merge: false,
+                merged_sampling: false,
             },
         }
     }
@@ -209,6 +221,34 @@ impl RunState {
     /// Turns KL collection on or off.
     pub fn set_collect_kl(&self, on: bool) -> Result<()> {
         self.flags.write().map_err(|_| poisoned())?.collect_kl = on;
+        Ok(())
+    }
+    /// Whether eval-mode forwards use merged weights automatically (on by default).
+    pub fn auto_merge(&self) -> bool {
+        self.flags.read().map(|f| f.auto_merge).unwrap_or(false)
+    }
+    /// Turns automatic merging in eval mode on or off. When on, an adapted layer in eval mode
+    /// whose active adapters are inference adapters (not trainable, so no λ needs a gradient)
+    /// and do not sample computes with a cached `W + Σ ΔW` (rebuilt whenever the base weight,
+    /// the active adapters, their projections or any λ value changes), so an adapted model costs
+    /// what the base model costs. Outputs equal the unmerged ones up to float rounding (PEFT's
+    /// own merged-vs-unmerged difference); turn it off to compute exactly PEFT's unmerged sums.
+    /// Layers merged explicitly (`merge_adapter`), adapters disabled, `modules_to_save` copies,
+    /// trainable adapters and non-f32 base weights are unaffected.
+    pub fn set_auto_merge(&self, on: bool) -> Result<()> {
+        self.flags.write().map_err(|_| poisoned())?.auto_merge = on;
+        Ok(())
+    }
+    /// Whether automatic merging also applies while adapters sample (off by default).
+    pub fn merged_sampling(&self) -> bool {
+        self.flags.read().map(|f| f.merged_sampling).unwrap_or(false)
+    }
+    /// With auto-merge on, also keep the mean path merged while sampling: only the noise path
+    /// `λ_b ⊙ B·(ε ⊙ exp(0.5 · λ_d[R:] ⊙ A[R:]·x))` stays low-rank (same ε draws, in the same
+    /// order). Off by default: the rounding then differs from PEFT's seeded sampled outputs by
+    /// up to ~2e-5 on the test models, above the parity tolerance.
+    pub fn set_merged_sampling(&self, on: bool) -> Result<()> {
+        self.flags.write().map_err(|_| poisoned())?.merged_sampling = on;
         Ok(())
     }
     /// The noise policy applied when adapters are created.

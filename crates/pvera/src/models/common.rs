@@ -26,6 +26,15 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
+        // One pass per row with its own backward on the CPU (bit-identical forward).
+        let w32 = self.weight.to_dtype(DType::F32)?;
+        let b32 = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?),
+            None => None,
+        };
+        if let Some(y) = crate::ops::layer_norm_f32(&xf, &w32, b32.as_ref(), self.eps)? {
+            return Ok(y.to_dtype(dtype)?);
+        }
         let mean = xf.mean_keepdim(D::Minus1)?;
         let xc = xf.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -126,6 +135,10 @@ impl Activation {
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
+    // One pass per row with its own backward on the CPU (bit-identical forward).
+    if let Some(p) = crate::ops::softmax_last_dim_f32(&xf)? {
+        return Ok(p.to_dtype(dtype)?);
+    }
     let max = xf.max_keepdim(D::Minus1)?.detach();
     let e = xf.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
