@@ -293,9 +293,8 @@ fn load(args: &CommonArgs) -> Result<Loaded> {
             args.adapter.display()
         );
     }
-    let pm = PeftModel::from_pretrained(model, registry, info, &args.adapter, "default", false)
+    let mut pm = PeftModel::from_pretrained(model, registry, info, &args.adapter, "default", false)
         .with_context(|| format!("loading adapter {}", args.adapter.display()))?;
-    let mut pm = pm;
     pm.state().set_grad_enabled(false)?;
     if let Some(list) = &args.sample_modules {
         let mods: Vec<&str> = list.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();

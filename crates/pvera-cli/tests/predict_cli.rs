@@ -1,41 +1,14 @@
 //! `pvera predict` and `pvera eval` end to end on the committed tiny fixtures: train an adapter
 //! with `pvera train`, then predict with Monte Carlo sampling and evaluate calibration / OOD.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crates/pvera/tests/fixtures")
-}
-fn pvera(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pvera")).args(args).output().expect("run pvera")
-}
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-fn show(o: &Output) -> String {
-    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
+mod common;
+use common::{fixtures, pvera, s, show, spam_jsonl};
+
 fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", show(o)))
-}
-
-fn spam_jsonl(dir: &Path) -> PathBuf {
-    let p = dir.join("mails.jsonl");
-    let rows = [
-        ("win free money now", "spam"),
-        ("meeting tomorrow at noon", "ham"),
-        ("click here for a free prize", "spam"),
-        ("see the attached report", "ham"),
-        ("free money click now", "spam"),
-        ("lunch with the team tomorrow", "ham"),
-        ("cheap prize win win", "spam"),
-        ("notes from the meeting", "ham"),
-    ];
-    let text: String =
-        rows.iter().map(|(t, l)| serde_json::json!({"text": t, "label": l}).to_string() + "\n").collect();
-    std::fs::write(&p, text).unwrap();
-    p
 }
 
 /// Trains a tiny BERT text classifier; returns (tempdir, model, tokenizer, data, output dir).

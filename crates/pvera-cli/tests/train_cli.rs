@@ -1,41 +1,9 @@
 //! `pvera train` end to end on the committed tiny fixtures (no network).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-fn fixtures() -> PathBuf {
-    root().join("crates/pvera/tests/fixtures")
-}
-fn pvera(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pvera")).args(args).output().expect("run pvera")
-}
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-fn show(o: &Output) -> String {
-    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-fn spam_jsonl(dir: &Path) -> PathBuf {
-    let p = dir.join("mails.jsonl");
-    let rows = [
-        ("win free money now", "spam"),
-        ("meeting tomorrow at noon", "ham"),
-        ("click here for a free prize", "spam"),
-        ("see the attached report", "ham"),
-        ("free money click now", "spam"),
-        ("lunch with the team tomorrow", "ham"),
-        ("cheap prize win win", "spam"),
-        ("notes from the meeting", "ham"),
-    ];
-    let text: String =
-        rows.iter().map(|(t, l)| serde_json::json!({"text": t, "label": l}).to_string() + "\n").collect();
-    std::fs::write(&p, text).unwrap();
-    p
-}
+mod common;
+use common::{fixtures, pvera, s, show, spam_jsonl};
 
 fn check_outputs(out: &Path, epochs: usize) {
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
