@@ -108,11 +108,18 @@ fn tune_allocator() {
         fn mallopt(param: i32, value: i32) -> i32;
     }
     const M_TRIM_THRESHOLD: i32 = -1;
+    const M_TOP_PAD: i32 = -2;
     const M_MMAP_THRESHOLD: i32 = -3;
     // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
     unsafe {
         mallopt(M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum on 64-bit
-        mallopt(M_TRIM_THRESHOLD, 1 << 30);
+        // Never give freed heap back to the kernel: a training step frees gigabytes at its end and
+        // the next step would page-fault all of it in again (zeroed pages, TLB shootdowns across
+        // threads); with a 1 GiB threshold this was 15 % of a MiniLM step. The peak (what RSS
+        // reports) is unchanged; the process keeps it for reuse.
+        mallopt(M_TRIM_THRESHOLD, -1);
+        // Grow the heap in 64 MiB steps instead of one `brk` per large tensor.
+        mallopt(M_TOP_PAD, 64 << 20);
     }
 }
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

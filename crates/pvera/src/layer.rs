@@ -630,7 +630,16 @@ impl Site {
             LinearKind::Linear => weight.t()?,
             LinearKind::Conv1D => weight.clone(),
         };
-        let y = if frozen { matmul_const(&x2, &rhs)? } else { x2.matmul(&rhs)? };
+        if frozen {
+            // Bias accumulated inside the GEMM where it applies (f32 CPU, frozen bias).
+            let b = match bias {
+                Some(b) if b.dtype() != x2.dtype() => Some(b.to_dtype(x2.dtype())?),
+                Some(b) => Some(b.clone()),
+                None => None,
+            };
+            return crate::ops::matmul_bias_const(&x2, &rhs, b.as_ref());
+        }
+        let y = x2.matmul(&rhs)?;
         Ok(match bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,

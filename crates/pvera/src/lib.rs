@@ -28,6 +28,7 @@ pub mod inject;
 pub mod layer;
 pub mod models;
 pub mod ops;
+mod simd;
 pub mod peft_model;
 pub mod projection;
 pub mod rng;

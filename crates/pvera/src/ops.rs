@@ -21,6 +21,119 @@ pub fn matmul_const(x: &Tensor, rhs: &Tensor) -> Result<Tensor> {
     Ok(x.apply_op1(ConstMatmul { rhs: rhs.clone() })?)
 }
 
+/// `x (m, k) @ rhs (k, n) + bias` with frozen `rhs` and `bias` (a base layer's weight and bias)
+/// on f32 CPU tensors: the output starts as the bias rows and the GEMM accumulates into it, which
+/// saves the zero fill and the separate broadcast-add pass over the output. Backward as
+/// [`matmul_const`] (the input gradient only). Falls back to `matmul_const` + `broadcast_add`
+/// where it does not apply (another device or dtype, a bias that needs a gradient, ranks other
+/// than 2).
+pub fn matmul_bias_const(x: &Tensor, rhs: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    let applies = f32_cpu(x)
+        && f32_cpu(rhs)
+        && x.rank() == 2
+        && rhs.rank() == 2
+        && !rhs.track_op()
+        && bias.is_none_or(|b| f32_cpu(b) && !b.track_op() && b.dims() == [rhs.dims()[1]]);
+    if !applies {
+        let y = matmul_const(x, rhs)?;
+        return Ok(match bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        });
+    }
+    let bias = match bias {
+        Some(b) => Some(b.to_vec1::<f32>()?),
+        None => None,
+    };
+    Ok(x.apply_op1(BiasMatmul { rhs: rhs.clone(), bias })?)
+}
+
+struct BiasMatmul {
+    rhs: Tensor,
+    bias: Option<Vec<f32>>,
+}
+
+impl CustomOp1 for BiasMatmul {
+    fn name(&self) -> &'static str {
+        "pvera-bias-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = layout.shape().dims2()?;
+        let (k2, n) = self.rhs.dims2()?;
+        if k != k2 {
+            return Err(candle_core::Error::ShapeMismatchBinaryOp {
+                lhs: layout.shape().clone(),
+                rhs: self.rhs.shape().clone(),
+                op: "bias-matmul",
+            });
+        }
+        let (rs, rl) = self.rhs.storage_and_layout();
+        let Storage::Cpu(rs) = &*rs else {
+            return Err(candle_core::Error::Msg("bias-matmul: the frozen operand is not on the CPU".into()));
+        };
+        let lhs = &storage.as_slice::<f32>()?[layout.start_offset()..];
+        let rhs = &rs.as_slice::<f32>()?[rl.start_offset()..];
+        let (ls, rst) = (layout.stride(), rl.stride());
+        // The last element each operand's strides reach must lie inside its buffer.
+        let reach = |rows: usize, cols: usize, s: &[usize]| {
+            if rows == 0 || cols == 0 {
+                0
+            } else {
+                (rows - 1) * s[0] + (cols - 1) * s[1] + 1
+            }
+        };
+        if reach(m, k, ls) > lhs.len() || reach(k, n, rst) > rhs.len() {
+            return Err(candle_core::Error::Msg("bias-matmul: operand strides exceed the storage".into()));
+        }
+        let mut dst = match &self.bias {
+            Some(b) => {
+                let mut d = Vec::with_capacity(m * n);
+                for _ in 0..m {
+                    d.extend_from_slice(b);
+                }
+                d
+            }
+            None => vec![0f32; m * n],
+        };
+        if m > 0 && n > 0 {
+            let threads = candle_core::utils::get_num_threads();
+            let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            // SAFETY: dst is a contiguous (m, n) buffer; lhs and rhs cover every element their
+            // strides address (checked above). dst := 1·dst + 1·lhs·rhs.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    true,
+                    lhs.as_ptr(),
+                    ls[1] as isize,
+                    ls[0] as isize,
+                    rhs.as_ptr(),
+                    rst[1] as isize,
+                    rst[0] as isize,
+                    1f32,
+                    1f32,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            };
+        }
+        Ok((CpuStorage::F32(dst), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.rhs.t()?)?))
+    }
+}
+
 struct ConstMatmul {
     rhs: Tensor,
 }
@@ -54,20 +167,46 @@ impl CustomOp1 for ConstMatmul {
     }
 }
 
-/// Softmax over the last dimension of an f32 CPU tensor as one pass per row, with its own
-/// backward (`p ⊙ (g − Σ g ⊙ p)`). The forward is bit-identical to the composite candle ops it
-/// replaces (max, `exp(x − max)`, candle's row sum kernel, division), which needed five full
-/// passes over the attention scores forward and more backward. `None` when the op does not
-/// apply (another device or dtype), so callers keep the composite.
+/// Softmax over the last dimension of an f32 CPU tensor as one vectorised pass per row, with its
+/// own backward (`p ⊙ (g − Σ g ⊙ p)`); replaces the composite (max, `exp(x − max)`, sum,
+/// division: five full passes forward, more backward). `None` when the op does not apply
+/// (another device or dtype), so callers keep the composite.
 pub fn softmax_last_dim_f32(x: &Tensor) -> Result<Option<Tensor>> {
+    scaled_masked_softmax_f32(x, 1.0, None)
+}
+
+/// `softmax(x · scale + mask)` over the last dimension of an f32 CPU tensor in one pass per row
+/// (the attention scores' scaling, mask and softmax fused), with its own backward for `x`
+/// (`scale · p ⊙ (g − Σ g ⊙ p)`; the mask is a constant). `mask` must be one row per leading
+/// index of `x`'s first dimension, i.e. shape `(b, 1, ..., 1, d)` for `x` of shape `(b, ..., d)`
+/// (BERT's padding mask), or `(1, ..., 1, d)`. `None` when the op does not apply (another device
+/// or dtype, a mask of another shape), so callers keep the composite.
+pub fn scaled_masked_softmax_f32(x: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Option<Tensor>> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || x.rank() == 0 {
         return Ok(None);
     }
+    let dims = x.dims();
+    let d = dims[dims.len() - 1];
+    let mask = match mask {
+        None => None,
+        Some(m) => {
+            let md = m.dims();
+            let ones_between = md.len() == dims.len() && md[1..md.len() - 1].iter().all(|&v| v == 1);
+            if !ones_between || md[md.len() - 1] != d || (md[0] != 1 && md[0] != dims[0]) || m.track_op() {
+                return Ok(None);
+            }
+            Some((m.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?, md[0]))
+        }
+    };
     let x = x.contiguous()?;
-    Ok(Some(x.apply_op1(SoftmaxLastDim)?))
+    Ok(Some(x.apply_op1(SoftmaxLastDim { scale: scale as f32, mask })?))
 }
 
-struct SoftmaxLastDim;
+struct SoftmaxLastDim {
+    scale: f32,
+    /// Mask rows (each of the last dimension's width) and their count (1 or the first dimension).
+    mask: Option<(Vec<f32>, usize)>,
+}
 
 impl CustomOp1 for SoftmaxLastDim {
     fn name(&self) -> &'static str {
@@ -75,30 +214,25 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use candle_core::cpu::kernels::VecOps;
         use rayon::prelude::*;
         let src = storage.as_slice::<f32>()?;
         let Some((o1, o2)) = layout.contiguous_offsets() else {
             return Err(candle_core::Error::Msg("softmax: input must be contiguous".into()));
         };
-        let src = &src[o1..o2];
+        let mut dst = src[o1..o2].to_vec();
         let dims = layout.shape().dims();
         let d = dims[dims.len() - 1].max(1);
-        let mut dst = vec![0f32; src.len()];
+        // Rows sharing one mask row (everything under one index of the first dimension).
+        let per_mask_row = (dst.len() / dims[0].max(1)).max(d);
         let rows_per_task = (4096 / d).max(1);
-        src.par_chunks(d * rows_per_task).zip(dst.par_chunks_mut(d * rows_per_task)).for_each(|(s, o)| {
-            for (s, o) in s.chunks(d).zip(o.chunks_mut(d)) {
-                let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                for (x, y) in s.iter().zip(o.iter_mut()) {
-                    *y = (*x - max).exp();
-                }
-                let mut sum = 0f32;
-                // SAFETY: `o` holds `o.len()` initialised f32 values.
-                unsafe { f32::vec_reduce_sum(o.as_ptr(), &mut sum, o.len()) };
-                for y in o.iter_mut() {
-                    *y /= sum;
-                }
-            }
+        let task = (d * rows_per_task).min(per_mask_row).max(d);
+        // Tasks never straddle two mask rows: split by mask row first.
+        dst.par_chunks_mut(per_mask_row).enumerate().for_each(|(bi, block)| {
+            let m = self.mask.as_ref().map(|(m, n)| {
+                let i = if *n == 1 { 0 } else { bi };
+                &m[i * d..(i + 1) * d]
+            });
+            block.par_chunks_mut(task).for_each(|t| crate::simd::softmax_rows(t, d, self.scale, m));
         });
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
@@ -106,7 +240,56 @@ impl CustomOp1 for SoftmaxLastDim {
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let gp = (grad_res * res)?;
         let s = gp.sum_keepdim(candle_core::D::Minus1)?;
-        Ok(Some((gp - res.broadcast_mul(&s)?)?))
+        let dx = (gp - res.broadcast_mul(&s)?)?;
+        Ok(Some(if self.scale == 1.0 { dx } else { (dx * self.scale as f64)? }))
+    }
+}
+
+/// The erf-GELU of an f32 CPU tensor (vectorised, on all threads), with its own backward;
+/// erf as ATen's CPU kernels compute it (see `simd`). `None` when the op does not apply
+/// (another device or dtype), so callers keep candle's `gelu_erf`.
+pub fn gelu_erf_f32(x: &Tensor) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    Ok(Some(x.apply_op1(GeluErf)?))
+}
+
+/// Elements per parallel task of the elementwise ops.
+const ELEMENTWISE_TASK: usize = 16 * 1024;
+
+struct GeluErf;
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "pvera-gelu-erf"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let src = storage.as_slice::<f32>()?;
+        let Some((o1, o2)) = layout.contiguous_offsets() else {
+            return Err(candle_core::Error::Msg("gelu: input must be contiguous".into()));
+        };
+        let src = &src[o1..o2];
+        let mut dst = vec![0f32; src.len()];
+        src.par_chunks(ELEMENTWISE_TASK)
+            .zip(dst.par_chunks_mut(ELEMENTWISE_TASK))
+            .for_each(|(s, d)| crate::simd::gelu(s, d));
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad_res.to_dtype(candle_core::DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(ELEMENTWISE_TASK)
+            .zip(x.par_chunks(ELEMENTWISE_TASK))
+            .zip(g.par_chunks(ELEMENTWISE_TASK))
+            .for_each(|((d, x), g)| crate::simd::gelu_grad(x, g, d));
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
 
@@ -251,6 +434,37 @@ mod tests {
         assert!(g.get(&w).is_none(), "no gradient for the frozen operand");
     }
 
+    #[test]
+    fn bias_matmul_matches_matmul_plus_bias_and_gives_only_the_input_gradient() {
+        let dev = Device::Cpu;
+        let xv: Vec<f32> = (0..7 * 33).map(|i| (i as f32 * 0.37).sin()).collect();
+        let wv: Vec<f32> = (0..19 * 33).map(|i| (i as f32 * 0.91).cos()).collect();
+        let x = Var::from_vec(xv, (7, 33), &dev).unwrap();
+        let w = Tensor::from_vec(wv, (19, 33), &dev).unwrap(); // (out, in), used transposed
+        let b = Tensor::from_vec((0..19).map(|i| i as f32 * 0.25 - 2.0).collect::<Vec<_>>(), 19, &dev).unwrap();
+        for bias in [Some(&b), None] {
+            let y_ref = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+            let y_ref = match bias {
+                Some(b) => y_ref.broadcast_add(b).unwrap(),
+                None => y_ref,
+            };
+            let y = matmul_bias_const(x.as_tensor(), &w.t().unwrap(), bias).unwrap();
+            close(&y, &y_ref, 1e-6);
+            let g_ref = y_ref.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            close(g.get(x.as_tensor()).unwrap(), g_ref.get(x.as_tensor()).unwrap(), 1e-5);
+            assert!(g.get(&w).is_none(), "no gradient for the frozen weight");
+        }
+        // A contiguous rhs (Conv1D's (in, out) layout) and a strided lhs view.
+        let wc = w.t().unwrap().contiguous().unwrap();
+        let xt = x.as_tensor().t().unwrap().contiguous().unwrap().t().unwrap();
+        let y = matmul_bias_const(&xt, &wc, Some(&b)).unwrap();
+        close(&y, &xt.matmul(&wc).unwrap().broadcast_add(&b).unwrap(), 1e-6);
+        // An empty batch.
+        let e = Tensor::zeros((0, 33), candle_core::DType::F32, &dev).unwrap();
+        assert_eq!(matmul_bias_const(&e, &wc, Some(&b)).unwrap().dims(), [0, 19]);
+    }
+
     fn composite_softmax(x: &Tensor) -> Tensor {
         let max = x.max_keepdim(candle_core::D::Minus1).unwrap().detach();
         let e = x.broadcast_sub(&max).unwrap().exp().unwrap();
@@ -291,8 +505,17 @@ mod tests {
         }
     }
 
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len());
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() <= tol * (1.0 + q.abs()), "{p} vs {q}");
+        }
+    }
+
     #[test]
-    fn softmax_is_bit_identical_to_the_composite_and_has_the_same_gradient() {
+    fn softmax_matches_the_composite_and_has_the_same_gradient() {
         let dev = Device::Cpu;
         let v: Vec<f32> = (0..3 * 5 * 37).map(|i| ((i * 7919) % 101) as f32 * 0.173 - 8.0).collect();
         let x = Var::from_vec(v, (3, 5, 37), &dev).unwrap();
@@ -300,16 +523,53 @@ mod tests {
         let w = Tensor::from_vec(w, (3, 5, 37), &dev).unwrap();
         let a = softmax_last_dim_f32(x.as_tensor()).unwrap().unwrap();
         let b = composite_softmax(x.as_tensor());
-        assert_eq!(
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
+        close(&a, &b, 1e-6);
         let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (b * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let ga = ga.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let gb = gb.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        for (p, q) in ga.iter().zip(&gb) {
-            assert!((p - q).abs() <= 1e-6 * (1.0 + q.abs()), "{p} vs {q}");
+        close(ga.get(x.as_tensor()).unwrap(), gb.get(x.as_tensor()).unwrap(), 1e-6);
+    }
+
+    #[test]
+    fn scaled_masked_softmax_matches_scale_mask_softmax_and_its_gradient() {
+        let dev = Device::Cpu;
+        let (b, h, s) = (3, 2, 19);
+        let v: Vec<f32> = (0..b * h * s * s).map(|i| ((i * 7919) % 101) as f32 * 0.173 - 8.0).collect();
+        let x = Var::from_vec(v, (b, h, s, s), &dev).unwrap();
+        // BERT's padding mask: 0 to keep, the dtype's minimum to drop, one row per batch item.
+        let m: Vec<f32> = (0..b * s).map(|i| if i % s >= s - 1 - i / s * 3 { f32::MIN } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(m, (b, 1, 1, s), &dev).unwrap();
+        let up: Vec<f32> = (0..b * h * s * s).map(|i| ((i * 31) % 17) as f32 * 0.01).collect();
+        let up = Tensor::from_vec(up, (b, h, s, s), &dev).unwrap();
+        for (scale, mask) in [(0.125, Some(&mask)), (0.3, None)] {
+            let a = scaled_masked_softmax_f32(x.as_tensor(), scale, mask).unwrap().unwrap();
+            let scaled = (x.as_tensor() * scale).unwrap();
+            let scored = match mask {
+                Some(m) => scaled.broadcast_add(m).unwrap(),
+                None => scaled,
+            };
+            let c = composite_softmax(&scored);
+            close(&a, &c, 1e-6);
+            let ga = (a * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (c * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            close(ga.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap(), 1e-6);
         }
+        // A mask that is not one row per batch item is left to the composite.
+        let odd = Tensor::zeros((b, 1, s, s), candle_core::DType::F32, &dev).unwrap();
+        assert!(scaled_masked_softmax_f32(x.as_tensor(), 1.0, Some(&odd)).unwrap().is_none());
+    }
+
+    #[test]
+    fn gelu_matches_candle_within_the_erf_approximation_and_has_the_analytic_gradient() {
+        let dev = Device::Cpu;
+        let v: Vec<f32> = (0..40_000).map(|i| (i as f32 - 20_000.0) * 4.5e-4).collect();
+        let x = Var::from_vec(v, (200, 200), &dev).unwrap();
+        let a = gelu_erf_f32(x.as_tensor()).unwrap().unwrap();
+        let c = x.as_tensor().gelu_erf().unwrap();
+        close(&a, &c, 1e-6);
+        let up = Tensor::from_vec((0..40_000).map(|i| ((i * 31) % 17) as f32 * 0.1).collect::<Vec<_>>(), (200, 200), &dev)
+            .unwrap();
+        let ga = (a * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (c * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        close(ga.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap(), 2e-6);
     }
 }

@@ -26,7 +26,7 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
-        // One pass per row with its own backward on the CPU (bit-identical forward).
+        // One vectorised pass per row with its own backward on the CPU.
         let w32 = self.weight.to_dtype(DType::F32)?;
         let b32 = match &self.bias {
             Some(b) => Some(b.to_dtype(DType::F32)?),
@@ -123,7 +123,10 @@ impl Activation {
     /// Applies the activation.
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Activation::GeluErf => x.gelu_erf()?,
+            Activation::GeluErf => match crate::ops::gelu_erf_f32(x)? {
+                Some(y) => y,
+                None => x.gelu_erf()?,
+            },
             Activation::GeluTanh => x.gelu()?,
             Activation::Relu => x.relu()?,
             Activation::Silu => x.silu()?,
@@ -135,7 +138,7 @@ impl Activation {
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
-    // One pass per row with its own backward on the CPU (bit-identical forward).
+    // One vectorised pass per row with its own backward on the CPU.
     if let Some(p) = crate::ops::softmax_last_dim_f32(&xf)? {
         return Ok(p.to_dtype(dtype)?);
     }
@@ -148,7 +151,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// `softmax(q kᵀ · scale + mask) v` for (batch, heads, seq, head_dim) tensors. `mask` is added to
 /// the scores (0 to keep, a large negative value to drop) and broadcast.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    // Scale, mask and softmax in one pass on the CPU (f32).
+    if scores.dtype() == DType::F32 {
+        if let Some(p) = crate::ops::scaled_masked_softmax_f32(&scores, scale, mask)? {
+            return Ok(p.matmul(&v.contiguous()?)?);
+        }
+    }
+    let scores = (scores * scale)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
         None => scores,
