@@ -214,25 +214,27 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let src = storage.as_slice::<f32>()?;
         let Some((o1, o2)) = layout.contiguous_offsets() else {
             return Err(candle_core::Error::Msg("softmax: input must be contiguous".into()));
         };
-        let mut dst = src[o1..o2].to_vec();
+        let src = &src[o1..o2];
         let dims = layout.shape().dims();
         let d = dims[dims.len() - 1].max(1);
-        // Rows sharing one mask row (everything under one index of the first dimension).
-        let per_mask_row = (dst.len() / dims[0].max(1)).max(d);
+        // Rows that share one mask row (everything under one index of the first dimension).
+        let rows_per_mask = (src.len() / dims[0].max(1) / d).max(1);
         let rows_per_task = (4096 / d).max(1);
-        let task = (d * rows_per_task).min(per_mask_row).max(d);
-        // Tasks never straddle two mask rows: split by mask row first.
-        dst.par_chunks_mut(per_mask_row).enumerate().for_each(|(bi, block)| {
-            let m = self.mask.as_ref().map(|(m, n)| {
-                let i = if *n == 1 { 0 } else { bi };
-                &m[i * d..(i + 1) * d]
-            });
-            block.par_chunks_mut(task).for_each(|t| crate::simd::softmax_rows(t, d, self.scale, m));
+        let dst = par_copy_map(src, rows_per_task * d, |first, block| {
+            let first_row = first / d;
+            match &self.mask {
+                None => crate::simd::softmax_rows(block, d, self.scale, None),
+                Some((m, n)) => {
+                    for (i, row) in block.chunks_mut(d).enumerate() {
+                        let mi = if *n == 1 { 0 } else { (first_row + i) / rows_per_mask };
+                        crate::simd::softmax_rows(row, d, self.scale, Some(&m[mi * d..(mi + 1) * d]));
+                    }
+                }
+            }
         });
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
@@ -256,6 +258,31 @@ pub fn gelu_erf_f32(x: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(x.apply_op1(GeluErf)?))
 }
 
+/// A copy of `src` transformed in parallel: tasks of `task` elements (the last one shorter) each
+/// copy their part of `src` into the new buffer and apply `f(offset, part)` to it in place, while
+/// it is in cache. Saves the zero fill and the serial copy of the obvious `vec![0; n]` / `to_vec`.
+fn par_copy_map(src: &[f32], task: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    let n = src.len();
+    let task = task.max(1);
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n].par_chunks_mut(task).zip(src.par_chunks(task)).enumerate().for_each(
+        |(i, (d, s))| {
+            // SAFETY: `d` and `s` have the same length (same chunking of equal lengths) and do
+            // not overlap; after the copy every element of `d` is initialised.
+            let d = unsafe {
+                std::ptr::copy_nonoverlapping(s.as_ptr(), d.as_mut_ptr().cast::<f32>(), s.len());
+                std::slice::from_raw_parts_mut(d.as_mut_ptr().cast::<f32>(), s.len())
+            };
+            f(i * task, d);
+        },
+    );
+    // SAFETY: the chunks above cover all `n` elements and each was written (a panic in a task
+    // propagates before this line).
+    unsafe { out.set_len(n) };
+    out
+}
+
 /// Elements per parallel task of the elementwise ops.
 const ELEMENTWISE_TASK: usize = 16 * 1024;
 
@@ -267,16 +294,11 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let src = storage.as_slice::<f32>()?;
         let Some((o1, o2)) = layout.contiguous_offsets() else {
             return Err(candle_core::Error::Msg("gelu: input must be contiguous".into()));
         };
-        let src = &src[o1..o2];
-        let mut dst = vec![0f32; src.len()];
-        src.par_chunks(ELEMENTWISE_TASK)
-            .zip(dst.par_chunks_mut(ELEMENTWISE_TASK))
-            .for_each(|(s, d)| crate::simd::gelu(s, d));
+        let dst = par_copy_map(&src[o1..o2], ELEMENTWISE_TASK, |_, block| crate::simd::gelu_in_place(block));
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 
@@ -290,6 +312,239 @@ impl CustomOp1 for GeluErf {
             .zip(g.par_chunks(ELEMENTWISE_TASK))
             .for_each(|((d, x), g)| crate::simd::gelu_grad(x, g, d));
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Multi-head self-attention `softmax(q kᵀ · scale + mask) v` on f32 CPU tensors in the
+/// projections' own layout: `q`, `k`, `v` and the result are `(b, s, heads · head_dim)`, so the
+/// head split and merge (four transposing copies) disappear. Each (batch, head) pair is one
+/// parallel task that keeps its `(s, s)` scores in cache: two small GEMMs straight on the strided
+/// head slices, the fused scale + mask + softmax between them. Backward (for all three inputs)
+/// recomputes the probabilities per task instead of keeping `b · heads · s²` of them alive
+/// through the backward pass. `mask` as in [`scaled_masked_softmax_f32`]: `(b | 1, 1, 1, s)`,
+/// constant. `None` when the op does not apply (another device or dtype, other shapes), so the
+/// caller keeps the composite.
+pub fn attention_f32(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if !(f32_cpu(q) && f32_cpu(k) && f32_cpu(v)) || q.rank() != 3 || k.dims() != q.dims() || v.dims() != q.dims() {
+        return Ok(None);
+    }
+    let (b, s, dm) = q.dims3()?;
+    if heads == 0 || dm % heads != 0 || s == 0 {
+        return Ok(None);
+    }
+    let mask = match mask {
+        None => None,
+        Some(m) => {
+            let md = m.dims();
+            if md.len() != 4 || md[1] != 1 || md[2] != 1 || md[3] != s || (md[0] != 1 && md[0] != b) || m.track_op() {
+                return Ok(None);
+            }
+            Some((m.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?, md[0]))
+        }
+    };
+    let op = Attention { b, s, heads, hd: dm / heads, scale: scale as f32, mask };
+    Ok(Some(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?))
+}
+
+struct Attention {
+    b: usize,
+    s: usize,
+    heads: usize,
+    hd: usize,
+    scale: f32,
+    mask: Option<(Vec<f32>, usize)>,
+}
+
+/// A raw pointer that parallel tasks may share; each task writes a disjoint part.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used for writes to disjoint (batch, head) column blocks, one task each.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// `dst (m, n) := lhs (m, k) · rhs (k, n)` (or `+=` with `acc`), single-threaded (the caller
+/// parallelises over heads); strides as (row, column) pairs in elements.
+///
+/// # Safety
+/// Every pointer must address all elements its strides reach for the given sizes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn small_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_s: (usize, usize),
+    lhs: *const f32,
+    lhs_s: (usize, usize),
+    rhs: *const f32,
+    rhs_s: (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_s.1 as isize,
+        dst_s.0 as isize,
+        false,
+        lhs,
+        lhs_s.1 as isize,
+        lhs_s.0 as isize,
+        rhs,
+        rhs_s.1 as isize,
+        rhs_s.0 as isize,
+        0f32,
+        1f32,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+impl Attention {
+    fn mask_row(&self, bi: usize) -> Option<&[f32]> {
+        self.mask.as_ref().map(|(m, n)| {
+            let i = if *n == 1 { 0 } else { bi };
+            &m[i * self.s..(i + 1) * self.s]
+        })
+    }
+
+    /// Probabilities of one (batch, head) task into `p` (s × s).
+    ///
+    /// # Safety
+    /// `q`, `k` hold `b · s · heads · hd` elements.
+    unsafe fn probs(&self, q: *const f32, k: *const f32, bi: usize, hi: usize, p: &mut [f32]) {
+        let (s, dm) = (self.s, self.heads * self.hd);
+        let off = bi * s * dm + hi * self.hd;
+        // p = Q_bh · K_bhᵀ: rhs(c, j) = K[j, c].
+        small_gemm(s, s, self.hd, p.as_mut_ptr(), (s, 1), q.add(off), (dm, 1), k.add(off), (1, dm));
+        crate::simd::softmax_rows(p, s, self.scale, self.mask_row(bi));
+    }
+
+    fn check(&self, n: usize) -> candle_core::Result<()> {
+        if n != self.b * self.s * self.heads * self.hd {
+            return Err(candle_core::Error::Msg(format!(
+                "attention: {n} elements, expected {} x {} x {} x {}",
+                self.b, self.s, self.heads, self.hd
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The contiguous f32 data of a CPU tensor.
+fn cpu_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(candle_core::DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// A contiguous CPU storage's f32 elements.
+fn contiguous_f32<'a>(st: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let Some((o1, o2)) = l.contiguous_offsets() else {
+        return Err(candle_core::Error::Msg(format!("attention: {what} must be contiguous")));
+    };
+    Ok(&st.as_slice::<f32>()?[o1..o2])
+}
+
+impl candle_core::CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "pvera-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (q, k, v) = (contiguous_f32(s1, l1, "q")?, contiguous_f32(s2, l2, "k")?, contiguous_f32(s3, l3, "v")?);
+        for t in [q, k, v] {
+            self.check(t.len())?;
+        }
+        let (s, dm) = (self.s, self.heads * self.hd);
+        let mut out = vec![0f32; q.len()];
+        let o = SharedMut(out.as_mut_ptr());
+        (0..self.b * self.heads).into_par_iter().for_each_init(
+            || vec![0f32; s * s],
+            |p, t| {
+                let (bi, hi) = (t / self.heads, t % self.heads);
+                let off = bi * s * dm + hi * self.hd;
+                let o = o;
+                // SAFETY: q, k, v, out hold b·s·dm elements (checked); this task writes only its
+                // own (bi, hi) column block of `out`.
+                unsafe {
+                    self.probs(q.as_ptr(), k.as_ptr(), bi, hi, p);
+                    small_gemm(s, self.hd, s, o.0.add(off), (dm, 1), p.as_ptr(), (s, 1), v.as_ptr().add(off), (dm, 1));
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((self.b, s, dm))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let (qv, kv, vv, g) = (cpu_f32(q)?, cpu_f32(k)?, cpu_f32(v)?, cpu_f32(grad)?);
+        for t in [&qv, &kv, &vv, &g] {
+            self.check(t.len())?;
+        }
+        let (s, hd, dm) = (self.s, self.hd, self.heads * self.hd);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; qv.len()], vec![0f32; qv.len()], vec![0f32; qv.len()]);
+        let (pq, pk, pv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+        let scale = self.scale;
+        (0..self.b * self.heads).into_par_iter().for_each_init(
+            || (vec![0f32; s * s], vec![0f32; s * s]),
+            |(p, dp), t| {
+                let (bi, hi) = (t / self.heads, t % self.heads);
+                let off = bi * s * dm + hi * hd;
+                let (pq, pk, pv) = (pq, pk, pv);
+                // SAFETY: all buffers hold b·s·dm elements (checked); this task writes only its
+                // own (bi, hi) column blocks of dq, dk, dv.
+                unsafe {
+                    let (qp, kp, vp, gp) = (qv.as_ptr(), kv.as_ptr(), vv.as_ptr(), g.as_ptr().add(off));
+                    self.probs(qp, kp, bi, hi, p);
+                    // dP = dO · Vᵀ
+                    small_gemm(s, s, hd, dp.as_mut_ptr(), (s, 1), gp, (dm, 1), vp.add(off), (1, dm));
+                    // dV = Pᵀ · dO
+                    small_gemm(s, hd, s, pv.0.add(off), (dm, 1), p.as_ptr(), (1, s), gp, (dm, 1));
+                    // dS = scale · P ⊙ (dP − Σ_j dP ⊙ P)
+                    for (pr, dr) in p.chunks(s).zip(dp.chunks_mut(s)) {
+                        let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                        for (d, pe) in dr.iter_mut().zip(pr) {
+                            *d = scale * pe * (*d - dot);
+                        }
+                    }
+                    // dQ = dS · K, dK = dSᵀ · Q
+                    small_gemm(s, hd, s, pq.0.add(off), (dm, 1), dp.as_ptr(), (s, 1), kp.add(off), (dm, 1));
+                    small_gemm(s, hd, s, pk.0.add(off), (dm, 1), dp.as_ptr(), (1, s), qp.add(off), (dm, 1));
+                }
+            },
+        );
+        let dev = q.device();
+        let shape = q.shape();
+        Ok((
+            Some(Tensor::from_vec(dq, shape, dev)?),
+            Some(Tensor::from_vec(dk, shape, dev)?),
+            Some(Tensor::from_vec(dv, shape, dev)?),
+        ))
     }
 }
 
@@ -463,6 +718,44 @@ mod tests {
         // An empty batch.
         let e = Tensor::zeros((0, 33), candle_core::DType::F32, &dev).unwrap();
         assert_eq!(matmul_bias_const(&e, &wc, Some(&b)).unwrap().dims(), [0, 19]);
+    }
+
+    #[test]
+    fn fused_attention_matches_the_composite_forward_and_all_three_gradients() {
+        let dev = Device::Cpu;
+        let (b, s, heads, hd) = (2, 21, 3, 8);
+        let mk = |seed: usize| {
+            let v: Vec<f32> = (0..b * s * heads * hd).map(|i| (((i + seed) * 7919) % 211) as f32 * 0.013 - 1.3).collect();
+            Var::from_vec(v, (b, s, heads * hd), &dev).unwrap()
+        };
+        let (q, k, v) = (mk(1), mk(5), mk(11));
+        let m: Vec<f32> = (0..b * s).map(|i| if i >= s && i % s >= s - 4 { f32::MIN } else { 0.0 }).collect();
+        let mask = Tensor::from_vec(m, (b, 1, 1, s), &dev).unwrap();
+        let up: Vec<f32> = (0..b * s * heads * hd).map(|i| ((i * 31) % 17) as f32 * 0.1 - 0.8).collect();
+        let up = Tensor::from_vec(up, (b, s, heads * hd), &dev).unwrap();
+        let scale = (hd as f64).powf(-0.5);
+        for mask in [Some(&mask), None] {
+            let a = attention_f32(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, mask, scale).unwrap().unwrap();
+            let split = |t: &Tensor| t.reshape((b, s, heads, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let scores = split(q.as_tensor()).matmul(&split(k.as_tensor()).t().unwrap()).unwrap();
+            let scores = (scores * scale).unwrap();
+            let scores = match mask {
+                Some(m) => scores.broadcast_add(m).unwrap(),
+                None => scores,
+            };
+            let c = composite_softmax(&scores).matmul(&split(v.as_tensor())).unwrap();
+            let c = c.transpose(1, 2).unwrap().contiguous().unwrap().reshape((b, s, heads * hd)).unwrap();
+            close(&a, &c, 1e-5);
+            let ga = (a * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (c * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for x in [&q, &k, &v] {
+                close(ga.get(x.as_tensor()).unwrap(), gc.get(x.as_tensor()).unwrap(), 1e-5);
+            }
+        }
+        // Shapes it does not handle are left to the composite.
+        let odd = Tensor::zeros((b, 1, s, s), candle_core::DType::F32, &dev).unwrap();
+        assert!(attention_f32(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, Some(&odd), scale).unwrap().is_none());
+        assert!(attention_f32(q.as_tensor(), k.as_tensor(), v.as_tensor(), 5, None, scale).unwrap().is_none());
     }
 
     fn composite_softmax(x: &Tensor) -> Tensor {

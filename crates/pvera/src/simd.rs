@@ -25,8 +25,14 @@ const EXP_LO: f32 = -103.972_08;
 /// `e^x` (see the module docs for accuracy and special values).
 #[inline(always)]
 fn exp1(x: f32) -> f32 {
-    let xc = x.clamp(EXP_LO, EXP_HI);
-    let n = (xc * LOG2E).round_ties_even();
+    // max/min (not clamp) so that NaN becomes a finite value here; it is restored below.
+    let xc = x.max(EXP_LO).min(EXP_HI);
+    // Round to the nearest integer by adding 1.5·2^23 (ties to even, as the FPU rounds); the
+    // integer is in the low mantissa bits. Branch-free and vectorisable, unlike `as i32`.
+    const MAGIC: f32 = 12_582_912.0;
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = t.to_bits() as i32 - MAGIC.to_bits() as i32;
     let r = n.mul_add(-LN2_HI, xc);
     let r = n.mul_add(-LN2_LO, r);
     let mut p = 1.987_569_1e-4f32;
@@ -38,7 +44,6 @@ fn exp1(x: f32) -> f32 {
     let y = p.mul_add(r * r, r) + 1.0;
     // 2^n for n in [-150, 128] as two factors 2^(n/2) · 2^(n − n/2), each a normal number
     // (so n = 128 and results in the subnormal range come out right).
-    let ni = n as i32;
     let n1 = ni >> 1;
     let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
     let s2 = f32::from_bits(((ni - n1 + 127) as u32) << 23);
@@ -90,6 +95,7 @@ fn gelu_grad1(x: f32, g: f32) -> f32 {
 }
 
 /// Applies `f` to whole blocks of `W` lanes (vectorised), then to the tail.
+#[cfg(test)]
 #[inline(always)]
 fn map_blocks(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
     let n = src.len().min(dst.len());
@@ -224,8 +230,18 @@ fn level() -> Level {
 }
 
 dispatch! {
-    /// `dst[i] = gelu(src[i])` (erf form, ATen's approximation of erf).
+    /// `dst[i] = gelu(src[i])` (erf form; called directly by the tests).
+    #[cfg(test)]
     pub fn gelu(src: &[f32], dst: &mut [f32]) => map_blocks(src, dst, gelu1)
+}
+
+dispatch! {
+    /// In place: `x[i] = gelu(x[i])`.
+    pub fn gelu_in_place(x: &mut [f32]) => {
+        for v in x.iter_mut() {
+            *v = gelu1(*v);
+        }
+    }
 }
 
 dispatch! {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::common::{attention, Activation, Embedding, LayerNorm};
+use super::common::{multi_head_attention, Activation, Embedding, LayerNorm};
 use super::loader::ModelDir;
 use super::{ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
@@ -233,16 +233,11 @@ impl BertLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, s, h) = x.dims3()?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = split(self.query.forward(x)?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
+        let q = self.query.forward(x)?;
+        let k = self.key.forward(x)?;
+        let v = self.value.forward(x)?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let ctx = attention(&q, &k, &v, mask, scale)?; // (b, heads, s, head_dim)
-        let ctx = ctx.transpose(1, 2)?.contiguous()?.reshape((b, s, h))?;
+        let ctx = multi_head_attention(&q, &k, &v, self.heads, mask, scale)?; // (b, s, heads · head_dim)
         let a = self.attention_output.forward(&ctx)?;
         let a = self.attention_norm.forward(&(a + x)?)?;
         let i = self.act.forward(&self.intermediate.forward(&a)?)?;

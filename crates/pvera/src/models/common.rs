@@ -148,6 +148,28 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(e.broadcast_div(&s)?.to_dtype(dtype)?)
 }
 
+/// Multi-head self-attention on the projections' layout: `q`, `k`, `v` are `(batch, seq, heads ·
+/// head_dim)` and so is the result (the heads merged back). On the CPU in f32 one fused op
+/// ([`crate::ops::attention_f32`]: no head transposes, scores kept per head in cache); elsewhere
+/// the heads are split and [`attention`] runs. `mask` as in [`attention`].
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    if let Some(y) = crate::ops::attention_f32(q, k, v, heads, mask, scale)? {
+        return Ok(y);
+    }
+    let (b, s, dm) = q.dims3()?;
+    let hd = dm / heads.max(1);
+    let split = |t: &Tensor| -> Result<Tensor> { Ok(t.reshape((b, s, heads, hd))?.transpose(1, 2)?.contiguous()?) };
+    let y = attention(&split(q)?, &split(k)?, &split(v)?, mask, scale)?;
+    Ok(y.transpose(1, 2)?.contiguous()?.reshape((b, s, dm))?)
+}
+
 /// `softmax(q kᵀ · scale + mask) v` for (batch, heads, seq, head_dim) tensors. `mask` is added to
 /// the scores (0 to keep, a large negative value to drop) and broadcast.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {

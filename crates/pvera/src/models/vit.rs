@@ -24,7 +24,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde_json::Value;
 
-use super::common::{attention, Activation, LayerNorm};
+use super::common::{multi_head_attention, Activation, LayerNorm};
 use super::loader::{config_f64, config_str, ModelDir};
 use super::{ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
@@ -344,20 +344,15 @@ impl SelfAttention {
 
     /// (B, S, hidden) -> (B, S, hidden).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, s, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = split(self.query.forward(x)?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
+        let q = self.query.forward(x)?;
+        let k = self.key.forward(x)?;
+        let v = self.value.forward(x)?;
         let scale = (self.head_dim as f64).powf(-0.5);
         // transformers' default (SDPA) accumulates half-precision attention in f32 on the CPU
         // and rounds once; do the same (f32 inputs are untouched).
         let dtype = q.dtype();
         let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-        let y = attention(&q, &k, &v, None, scale)?.to_dtype(dtype)?;
-        let y = y.transpose(1, 2)?.contiguous()?.reshape((b, s, self.heads * self.head_dim))?;
+        let y = multi_head_attention(&q, &k, &v, self.heads, None, scale)?.to_dtype(dtype)?;
         self.output.forward(&y)
     }
 }
