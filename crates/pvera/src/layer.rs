@@ -790,6 +790,15 @@ impl Site {
         Ok(Some(w))
     }
 
+    /// `m` standard normal draws for a sampling adapter: from its own generator
+    /// (`generator_seed`), else from the run state's global one.
+    fn draw_eps(&self, slot: &AdapterSlot, m: usize) -> Result<Vec<f32>> {
+        match &slot.generator {
+            Some(gen) => Ok(gen.lock().map_err(|_| poisoned())?.randn_f32(m)),
+            None => self.state.with_global_generator(|g| g.randn_f32(m)),
+        }
+    }
+
     /// The noise path of a sampling adapter whose mean path is merged:
     /// `λ_b ⊙ ((ε ⊙ exp(0.5 · λ_d[R:] ⊙ (x · A[R:]ᵀ))) · Bᵀ)`, drawing ε exactly as the unmerged
     /// path does (n·r values from the same generator).
@@ -802,11 +811,7 @@ impl Site {
         let ld = ld.narrow(0, r, r)?;
         let logvar = matmul_const(x32, &a_t)?.broadcast_mul(&ld)?;
         check_logvar(&logvar, &self.path, name)?;
-        let eps = match &slot.generator {
-            Some(gen) => gen.lock().map_err(|_| poisoned())?.randn_f32(n * r),
-            None => self.state.with_global_generator(|g| g.randn_f32(n * r))?,
-        };
-        let eps = Tensor::from_vec(eps, (n, r), x32.device())?;
+        let eps = Tensor::from_vec(self.draw_eps(slot, n * r)?, (n, r), x32.device())?;
         let z = (eps * (&logvar * 0.5)?.exp()?)?;
         let b_t = p.b_slice_t(self.out_features)?; // (R, out)
         Ok(matmul_const(&z, &b_t)?.broadcast_mul(&lb)?)
@@ -835,17 +840,28 @@ impl Site {
         };
         let (lb, ld) = slot.lambdas(track);
         let a_t = p.a_slice_t(self.in_features)?; // (in, 2R)
+        let sample = training || samples(slot, view);
+        // Sampling with nothing to differentiate (MC prediction): the fused CPU path. ε comes
+        // from the same generator, in the same order, as in the composite below.
+        if sample && !(training && view.collect_kl) && !xd.track_op() && !lb.track_op() && !ld.track_op() {
+            let b_t = p.b_slice_t(self.out_features)?; // (R, out)
+            let draw = |m: usize| self.draw_eps(slot, m);
+            if let Some((delta, over)) =
+                crate::ops::sampled_delta_no_grad(&xd, &a_t, &ld, draw, &b_t, &lb, LOGVAR_LIMIT)?
+            {
+                if over > 0 {
+                    let logvar = matmul_const(&xd, &a_t.narrow(1, r, r)?)?.broadcast_mul(&ld.narrow(0, r, r)?)?;
+                    check_logvar(&logvar, &self.path, name)?;
+                }
+                return Ok(delta);
+            }
+        }
         let h = matmul_const(&xd, &a_t)?.broadcast_mul(&ld)?; // (n, 2R)
         let mu = h.narrow(1, 0, r)?;
-        let sample = training || samples(slot, view);
         let z = if sample {
             let logvar = h.narrow(1, r, r)?;
             check_logvar(&logvar, &self.path, name)?;
-            let eps = match &slot.generator {
-                Some(gen) => gen.lock().map_err(|_| poisoned())?.randn_f32(n * r),
-                None => self.state.with_global_generator(|g| g.randn_f32(n * r))?,
-            };
-            let eps = Tensor::from_vec(eps, (n, r), x32.device())?;
+            let eps = Tensor::from_vec(self.draw_eps(slot, n * r)?, (n, r), x32.device())?;
             let std = (&logvar * 0.5)?.exp()?;
             if training && view.collect_kl {
                 let kl = kl_term(&mu, &logvar)?;

@@ -315,6 +315,52 @@ impl CustomOp1 for GeluErf {
     }
 }
 
+/// The sampled PVeRA adapter path of one layer with gradients off (ε from `eps(n · R)`), on f32 CPU tensors, as two
+/// GEMMs and one fused pass: `h = x · A_t` (`A_t` = `(in, 2R)`), the reparametrisation
+/// ([`crate::simd::reparam_rows`]: `z = mu + ε ⊙ exp(0.5 · logvar)`), then `z · (B_t ⊙ λ_b)`
+/// (`B_t` = `(R, out)`; λ_b folded into the projection's columns). Replaces seven elementwise
+/// passes of the composite (λ_d scale, the log-variance check's copy, halving, exp, the two
+/// products, λ_b scale). Returns the `(n, out)` delta and how many log-variances exceeded
+/// `limit` (or were NaN), for the caller's overflow error. `None` where it does not apply
+/// (another device or dtype, a tensor that tracks gradients).
+pub fn sampled_delta_no_grad(
+    x: &Tensor,
+    a_t: &Tensor,
+    ld: &Tensor,
+    eps: impl FnOnce(usize) -> Result<Vec<f32>>,
+    b_t: &Tensor,
+    lb: &Tensor,
+    limit: f32,
+) -> Result<Option<(Tensor, usize)>> {
+    use rayon::prelude::*;
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op();
+    if ![x, a_t, ld, b_t, lb].iter().all(|t| f32_cpu(t)) || x.rank() != 2 || a_t.rank() != 2 || b_t.rank() != 2 {
+        return Ok(None);
+    }
+    let (n, inf) = x.dims2()?;
+    let (r, out) = b_t.dims2()?;
+    if a_t.dims() != [inf, 2 * r] || ld.dims() != [2 * r] || lb.dims() != [out] {
+        return Ok(None);
+    }
+    // Drawn only once the op is known to apply (callers fall back to a path drawing the same).
+    let eps = eps(n * r)?;
+    if eps.len() != n * r {
+        return Err(crate::error::Error::Model(format!("sampled path: {} normal draws, expected {}", eps.len(), n * r)));
+    }
+    let h = x.matmul(a_t)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // (n, 2R)
+    let ldv = ld.to_vec1::<f32>()?;
+    let mut z = eps;
+    let rows = (8192 / (2 * r).max(1)).max(1);
+    let over: usize = h
+        .par_chunks(rows * 2 * r)
+        .zip(z.par_chunks_mut(rows * r))
+        .map(|(h, z)| crate::simd::reparam_rows(h, &ldv, z, r, limit))
+        .sum();
+    let z = Tensor::from_vec(z, (n, r), x.device())?;
+    let bs = b_t.broadcast_mul(&lb.reshape((1, out))?)?; // (R, out) ⊙ λ_b per column
+    Ok(Some((z.matmul(&bs)?, over)))
+}
+
 /// Multi-head self-attention `softmax(q kᵀ · scale + mask) v` on f32 CPU tensors in the
 /// projections' own layout: `q`, `k`, `v` and the result are `(b, s, heads · head_dim)`, so the
 /// head split and merge (four transposing copies) disappear. Each (batch, head) pair is one

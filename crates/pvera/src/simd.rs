@@ -245,6 +245,29 @@ dispatch! {
 }
 
 dispatch! {
+    /// The reparametrisation of PVeRA's latent over rows, in place over `z` (`n × r`, holding
+    /// ε on entry): with `h` the rows of `A·x` (`n × 2r`, mean half first) and `ld` = λ_d (2r),
+    /// `mu = h[..r] ⊙ ld[..r]`, `logvar = h[r..] ⊙ ld[r..]`, `z = mu + ε ⊙ exp(0.5 · logvar)`
+    /// (PEFT's order of operations). Returns how many log-variances are above `limit` or NaN.
+    pub fn reparam_rows(h: &[f32], ld: &[f32], z: &mut [f32], r: usize, limit: f32) -> usize => {
+        let (ldm, ldv) = ld.split_at(r);
+        let mut over = 0usize;
+        for (hr, zr) in h.chunks_exact(2 * r).zip(z.chunks_exact_mut(r)) {
+            let (hm, hv) = hr.split_at(r);
+            let mut bad = 0u32;
+            for j in 0..r {
+                let lv = hv[j] * ldv[j];
+                bad += u32::from(!(lv <= limit));
+                let t = zr[j] * exp1(lv * 0.5);
+                zr[j] = hm[j] * ldm[j] + t;
+            }
+            over += bad as usize;
+        }
+        over
+    }
+}
+
+dispatch! {
     /// `dst[i] = grad[i] · gelu'(x[i])`.
     pub fn gelu_grad(x: &[f32], grad: &[f32], dst: &mut [f32]) => zip_blocks(x, grad, dst, gelu_grad1)
 }
