@@ -856,6 +856,19 @@ impl Site {
                 return Ok(delta);
             }
         }
+        // Sampling with gradients (training) and no KL term to collect: one fused op with its
+        // own backward for x, λ_d and λ_b (same ε stream as the composite below).
+        if sample && !(training && view.collect_kl) {
+            let b_t = p.b_slice_t(self.out_features)?; // (R, out)
+            let draw = |m: usize| self.draw_eps(slot, m);
+            if let Some((delta, over)) = crate::ops::sampled_delta(&xd, &a_t, &ld, draw, &b_t, &lb, LOGVAR_LIMIT)? {
+                if over > 0 {
+                    let logvar = matmul_const(&xd, &a_t.narrow(1, r, r)?)?.broadcast_mul(&ld.narrow(0, r, r)?)?;
+                    check_logvar(&logvar.detach(), &self.path, name)?;
+                }
+                return Ok(delta);
+            }
+        }
         let h = matmul_const(&xd, &a_t)?.broadcast_mul(&ld)?; // (n, 2R)
         let mu = h.narrow(1, 0, r)?;
         let z = if sample {

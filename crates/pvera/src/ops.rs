@@ -361,6 +361,237 @@ pub fn sampled_delta_no_grad(
     Ok(Some((z.matmul(&bs)?, over)))
 }
 
+/// The sampled PVeRA adapter path of one layer with gradients, on f32 CPU tensors:
+/// `delta = λ_b ⊙ (z · B_t)` with `z = mu + ε ⊙ exp(0.5 · logvar)`, `[mu | logvar] = λ_d ⊙ (x · A_t)`
+/// (`A_t` = `(in, 2R)`, `B_t` = `(R, out)`, ε = `(n, R)` drawn by the caller), as one op with its
+/// own backward for `x`, `λ_d` and `λ_b`: two GEMMs and one fused pass forward, two GEMMs and
+/// one fused pass (with the λ column sums) backward, where the composite needs about twenty
+/// candle ops and their intermediates. Returns the delta and how many log-variances exceeded
+/// `limit` (or were NaN). `None` where it does not apply (another device or dtype, shapes).
+pub fn sampled_delta(
+    x: &Tensor,
+    a_t: &Tensor,
+    ld: &Tensor,
+    eps: impl FnOnce(usize) -> Result<Vec<f32>>,
+    b_t: &Tensor,
+    lb: &Tensor,
+    limit: f32,
+) -> Result<Option<(Tensor, usize)>> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    if ![x, a_t, ld, b_t, lb].iter().all(|t| f32_cpu(t)) || x.rank() != 2 || a_t.rank() != 2 || b_t.rank() != 2 {
+        return Ok(None);
+    }
+    let (n, inf) = x.dims2()?;
+    let (r, out) = b_t.dims2()?;
+    if a_t.dims() != [inf, 2 * r] || ld.dims() != [2 * r] || lb.dims() != [out] || a_t.track_op() || b_t.track_op() {
+        return Ok(None);
+    }
+    let eps = eps(n * r)?;
+    if eps.len() != n * r {
+        return Err(crate::error::Error::Model(format!("sampled path: {} normal draws, expected {}", eps.len(), n * r)));
+    }
+    let over = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let op = SampledAdapter {
+        a_t: a_t.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+        b_t: b_t.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+        eps,
+        r,
+        inf,
+        out,
+        limit,
+        over: over.clone(),
+        saved: std::sync::Mutex::new(None),
+    };
+    let y = x.contiguous()?.apply_op3(&ld.contiguous()?, &lb.contiguous()?, op)?;
+    Ok(Some((y, over.load(std::sync::atomic::Ordering::Relaxed))))
+}
+
+struct SampledSaved {
+    /// `x · A_t`, (n, 2R), before λ_d.
+    h: Vec<f32>,
+    /// `z · B_t`, (n, out), before λ_b.
+    u: Vec<f32>,
+}
+
+struct SampledAdapter {
+    a_t: Vec<f32>,
+    b_t: Vec<f32>,
+    eps: Vec<f32>,
+    r: usize,
+    inf: usize,
+    out: usize,
+    limit: f32,
+    /// Log-variances above `limit` (or NaN) in the forward, for the caller.
+    over: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    saved: std::sync::Mutex<Option<SampledSaved>>,
+}
+
+/// `dst (m, n) := lhs (m, k) · rhs (k, n)` on all threads; strides as (row, column) pairs.
+///
+/// # Safety
+/// Every pointer must address all elements its strides reach for the given sizes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn par_gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_s: (usize, usize),
+    lhs: *const f32,
+    lhs_s: (usize, usize),
+    rhs: *const f32,
+    rhs_s: (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_s.1 as isize,
+        dst_s.0 as isize,
+        false,
+        lhs,
+        lhs_s.1 as isize,
+        lhs_s.0 as isize,
+        rhs,
+        rhs_s.1 as isize,
+        rhs_s.0 as isize,
+        0f32,
+        1f32,
+        false,
+        false,
+        false,
+        par,
+    )
+}
+
+impl candle_core::CustomOp3 for SampledAdapter {
+    fn name(&self) -> &'static str {
+        "pvera-sampled-adapter"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (x, ld, lb) = (contiguous_f32(s1, l1, "x")?, contiguous_f32(s2, l2, "λ_d")?, contiguous_f32(s3, l3, "λ_b")?);
+        let (r, inf, out) = (self.r, self.inf, self.out);
+        let n = x.len() / inf.max(1);
+        if x.len() != n * inf || ld.len() != 2 * r || lb.len() != out || self.eps.len() != n * r {
+            return Err(candle_core::Error::Msg("sampled adapter: inconsistent shapes".into()));
+        }
+        let mut h = vec![0f32; n * 2 * r];
+        // SAFETY: sizes checked above; A_t is (inf, 2R) contiguous.
+        unsafe { par_gemm(n, 2 * r, inf, h.as_mut_ptr(), (2 * r, 1), x.as_ptr(), (inf, 1), self.a_t.as_ptr(), (2 * r, 1)) };
+        let mut z = self.eps.clone();
+        let rows = (8192 / (2 * r).max(1)).max(1);
+        let over: usize = h
+            .par_chunks(rows * 2 * r)
+            .zip(z.par_chunks_mut(rows * r))
+            .map(|(h, z)| crate::simd::reparam_rows(h, ld, z, r, self.limit))
+            .sum();
+        let mut u = vec![0f32; n * out];
+        // SAFETY: z is (n, R), B_t (R, out), u (n, out), all contiguous.
+        unsafe { par_gemm(n, out, r, u.as_mut_ptr(), (out, 1), z.as_ptr(), (r, 1), self.b_t.as_ptr(), (out, 1)) };
+        let mut y = u.clone();
+        y.par_chunks_mut(out.max(1) * 64).for_each(|c| {
+            for row in c.chunks_mut(out.max(1)) {
+                for (v, l) in row.iter_mut().zip(lb) {
+                    *v *= l;
+                }
+            }
+        });
+        self.over.store(over, std::sync::atomic::Ordering::Relaxed);
+        *self.saved.lock().map_err(|_| candle_core::Error::Msg("sampled adapter: poisoned state".into()))? =
+            Some(SampledSaved { h, u });
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        ld: &Tensor,
+        lb: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use rayon::prelude::*;
+        let guard = self.saved.lock().map_err(|_| candle_core::Error::Msg("sampled adapter: poisoned state".into()))?;
+        let Some(saved) = guard.as_ref() else {
+            return Err(candle_core::Error::Msg("sampled adapter: backward before forward".into()));
+        };
+        let (r, inf, out) = (self.r, self.inf, self.out);
+        let n = saved.h.len() / (2 * r).max(1);
+        let g = cpu_f32(grad)?;
+        let ldv = cpu_f32(ld)?;
+        let lbv = cpu_f32(lb)?;
+        if g.len() != n * out {
+            return Err(candle_core::Error::Msg("sampled adapter: gradient shape".into()));
+        }
+        // gl = g ⊙ λ_b, and dλ_b = Σ_rows g ⊙ u (per-task partial sums).
+        let rows = (16384 / out.max(1)).max(1);
+        let mut gl = g.clone();
+        let dlb = gl
+            .par_chunks_mut(rows * out)
+            .zip(saved.u.par_chunks(rows * out))
+            .map(|(gc, uc)| {
+                let mut acc = vec![0f32; out];
+                for (gr, ur) in gc.chunks_mut(out).zip(uc.chunks(out)) {
+                    for o in 0..out {
+                        acc[o] += gr[o] * ur[o];
+                        gr[o] *= lbv[o];
+                    }
+                }
+                acc
+            })
+            .reduce(|| vec![0f32; out], |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            });
+        // gz = gl · B_tᵀ: rhs(o, j) = B_t[j, o].
+        let mut gz = vec![0f32; n * r];
+        // SAFETY: gl (n, out), B_t (R, out), gz (n, R), all contiguous.
+        unsafe { par_gemm(n, r, out, gz.as_mut_ptr(), (r, 1), gl.as_ptr(), (out, 1), self.b_t.as_ptr(), (1, out)) };
+        // dh and dλ_d in one pass.
+        let mut dh = vec![0f32; n * 2 * r];
+        let rows = (8192 / (2 * r).max(1)).max(1);
+        let dld = dh
+            .par_chunks_mut(rows * 2 * r)
+            .zip(saved.h.par_chunks(rows * 2 * r))
+            .zip(gz.par_chunks(rows * r).zip(self.eps.par_chunks(rows * r)))
+            .map(|((dhc, hc), (gzc, ec))| {
+                let mut acc = vec![0f32; 2 * r];
+                crate::simd::reparam_grad_rows(hc, &ldv, gzc, ec, dhc, &mut acc, r);
+                acc
+            })
+            .reduce(|| vec![0f32; 2 * r], |mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            });
+        // dx = dh · A_tᵀ: rhs(c, k) = A_t[k, c].
+        let mut dx = vec![0f32; n * inf];
+        // SAFETY: dh (n, 2R), A_t (inf, 2R), dx (n, inf), all contiguous.
+        unsafe { par_gemm(n, inf, 2 * r, dx.as_mut_ptr(), (inf, 1), dh.as_ptr(), (2 * r, 1), self.a_t.as_ptr(), (1, 2 * r)) };
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dld, ld.shape(), dev)?),
+            Some(Tensor::from_vec(dlb, lb.shape(), dev)?),
+        ))
+    }
+}
+
 /// Multi-head self-attention `softmax(q kᵀ · scale + mask) v` on f32 CPU tensors in the
 /// projections' own layout: `q`, `k`, `v` and the result are `(b, s, heads · head_dim)`, so the
 /// head split and merge (four transposing copies) disappear. Each (batch, head) pair is one
@@ -802,6 +1033,43 @@ mod tests {
         let odd = Tensor::zeros((b, 1, s, s), candle_core::DType::F32, &dev).unwrap();
         assert!(attention_f32(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, Some(&odd), scale).unwrap().is_none());
         assert!(attention_f32(q.as_tensor(), k.as_tensor(), v.as_tensor(), 5, None, scale).unwrap().is_none());
+    }
+
+    #[test]
+    fn fused_sampled_adapter_matches_the_composite_forward_and_gradients() {
+        let dev = Device::Cpu;
+        let (n, inf, r, out) = (37, 24, 5, 19);
+        let mk = |len: usize, seed: usize, sc: f32| -> Vec<f32> {
+            (0..len).map(|i| ((((i + seed) * 7919) % 211) as f32 * 0.0095 - 1.0) * sc).collect()
+        };
+        let x = Var::from_vec(mk(n * inf, 1, 1.0), (n, inf), &dev).unwrap();
+        let ld = Var::from_vec(mk(2 * r, 3, 0.8), 2 * r, &dev).unwrap();
+        let lb = Var::from_vec(mk(out, 7, 0.5), out, &dev).unwrap();
+        let a_t = Tensor::from_vec(mk(inf * 2 * r, 11, 0.3), (inf, 2 * r), &dev).unwrap();
+        let b_t = Tensor::from_vec(mk(r * out, 13, 0.3), (r, out), &dev).unwrap();
+        let eps = mk(n * r, 17, 1.5);
+        let up = Tensor::from_vec(mk(n * out, 19, 1.0), (n, out), &dev).unwrap();
+        let (a, over) = sampled_delta(x.as_tensor(), &a_t, ld.as_tensor(), |_| Ok(eps.clone()), &b_t, lb.as_tensor(), 88.0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(over, 0);
+        // The composite, as the layer computes it without the fused op.
+        let h = x.as_tensor().matmul(&a_t).unwrap().broadcast_mul(ld.as_tensor()).unwrap();
+        let (mu, lv) = (h.narrow(1, 0, r).unwrap(), h.narrow(1, r, r).unwrap());
+        let e = Tensor::from_vec(eps.clone(), (n, r), &dev).unwrap();
+        let z = (mu + (e * (lv * 0.5).unwrap().exp().unwrap()).unwrap()).unwrap();
+        let c = z.matmul(&b_t).unwrap().broadcast_mul(lb.as_tensor()).unwrap();
+        close(&a, &c, 1e-5);
+        let ga = (a * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = (c * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &ld, &lb] {
+            close(ga.get(v.as_tensor()).unwrap(), gc.get(v.as_tensor()).unwrap(), 1e-5);
+        }
+        // An overflowing log-variance is counted (the layer turns it into its named error).
+        let big = Tensor::from_vec(vec![500f32; 2 * r], 2 * r, &dev).unwrap();
+        let (_, over) =
+            sampled_delta(x.as_tensor(), &a_t, &big, |_| Ok(eps.clone()), &b_t, lb.as_tensor(), 88.0).unwrap().unwrap();
+        assert!(over > 0);
     }
 
     fn composite_softmax(x: &Tensor) -> Tensor {

@@ -268,6 +268,27 @@ dispatch! {
 }
 
 dispatch! {
+    /// Backward of [`reparam_rows`] over rows: with `gz` = ∂L/∂z (`n × r`), writes ∂L/∂h
+    /// (`n × 2r`, before λ_d) into `dh` and adds ∂L/∂λ_d (2r) into `acc`.
+    pub fn reparam_grad_rows(h: &[f32], ld: &[f32], gz: &[f32], eps: &[f32], dh: &mut [f32], acc: &mut [f32], r: usize) => {
+        let (ldm, ldv) = ld.split_at(r);
+        let (am, av) = acc.split_at_mut(r);
+        for (((hr, gr), er), dr) in h.chunks_exact(2 * r).zip(gz.chunks_exact(r)).zip(eps.chunks_exact(r)).zip(dh.chunks_exact_mut(2 * r)) {
+            let (hm, hv) = hr.split_at(r);
+            let (dm, dv) = dr.split_at_mut(r);
+            for j in 0..r {
+                let std = exp1(hv[j] * ldv[j] * 0.5);
+                let t = gr[j] * er[j] * std * 0.5;
+                dm[j] = gr[j] * ldm[j];
+                am[j] += gr[j] * hm[j];
+                dv[j] = t * ldv[j];
+                av[j] += t * hv[j];
+            }
+        }
+    }
+}
+
+dispatch! {
     /// `dst[i] = grad[i] · gelu'(x[i])`.
     pub fn gelu_grad(x: &[f32], grad: &[f32], dst: &mut [f32]) => zip_blocks(x, grad, dst, gelu_grad1)
 }
