@@ -263,8 +263,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mc-samples", type=int, default=16)
-    ap.add_argument("--mc-batch", type=int, default=4,
-                    help="pvera: Monte Carlo samples per batched forward (memory bound on a shared machine)")
+    ap.add_argument("--mc-batch", type=int, default=None,
+                    help="pvera: Monte Carlo samples per batched forward (default: what `pvera predict` does)")
     ap.add_argument("--gemm-size", type=int, default=2048)
     ap.add_argument("--what", default="eval,merged,train,mc,gemm")
     ap.add_argument("--no-cold", action="store_true")
@@ -308,7 +308,7 @@ def main() -> None:
     common = ["--model", str(p["model"]), "--adapter", str(adapter), "--inputs", str(inputs), "--pooling", p["pooling"]]
     pv_cmd = [a.pvera, "bench", *common, "--r", str(p["r"]), "--target-modules", p["targets"], "--what", a.what,
               "--reps", str(reps), "--warmup", str(a.warmup), "--mc-samples", str(a.mc_samples),
-              "--mc-batch", str(a.mc_batch), "--gemm-size", str(a.gemm_size), "--threads", str(a.threads)]
+              *(["--mc-batch", str(a.mc_batch)] if a.mc_batch else []), "--gemm-size", str(a.gemm_size), "--threads", str(a.threads)]
     py_cmd = [sys.executable, str(Path(__file__).resolve()), *common, "--r", str(p["r"]), "--targets", p["targets"],
               "--what", a.what, "--reps", str(reps), "--warmup", str(a.warmup), "--mc-samples", str(a.mc_samples),
               "--gemm-size", str(a.gemm_size), "--threads", str(a.threads)]

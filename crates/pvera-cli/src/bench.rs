@@ -75,7 +75,8 @@ pub struct BenchArgs {
     /// Samples of the Monte Carlo prediction.
     #[arg(long, default_value_t = 16)]
     pub mc_samples: usize,
-    /// Monte Carlo samples per forward pass (default: all of them in one batch).
+    /// Monte Carlo samples per forward pass (default: as `pvera predict` stacks them, the
+    /// library's row budget `DEFAULT_MAX_ROWS` divided by the batch).
     #[arg(long)]
     pub mc_batch: Option<usize>,
     /// Turn off automatic merging in eval mode (measure the unmerged adapter path).
@@ -346,7 +347,7 @@ pub fn run(args: BenchArgs) -> Result<u8> {
         // `mc_batch`·B rows, every adapted layer sampling, softmax per sample; the mean-mode
         // forward is left out so the row times the S sampled passes only.
         let s = args.mc_samples.max(1);
-        let chunk = args.mc_batch.unwrap_or(s).clamp(1, s);
+        let chunk = args.mc_batch.unwrap_or(pvera::uncertainty::mc::DEFAULT_MAX_ROWS / batch.max(1)).clamp(1, s);
         let cfg = pvera::uncertainty::McConfig {
             samples: s,
             max_rows: chunk * batch,

@@ -53,8 +53,9 @@ pub struct CommonArgs {
     /// Inputs per Monte Carlo batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Row budget of one forward: samples are stacked into batches of at most this many rows.
-    #[arg(long, default_value_t = 128)]
+    /// Row budget of one forward: samples are stacked into batches of at most this many rows
+    /// (default: the library's `DEFAULT_MAX_ROWS`, measured fastest on MiniLM-sized inputs).
+    #[arg(long, default_value_t = pvera::uncertainty::mc::DEFAULT_MAX_ROWS)]
     pub max_rows: usize,
     /// Run the samples one forward each, as PEFT's example does (same noise as PEFT for any shapes).
     #[arg(long)]

@@ -327,7 +327,7 @@ pub fn sampled_delta_no_grad(
     x: &Tensor,
     a_t: &Tensor,
     ld: &Tensor,
-    eps: impl FnOnce(usize) -> Result<Vec<f32>>,
+    eps: impl FnOnce(usize) -> Result<Vec<f32>> + Send,
     b_t: &Tensor,
     lb: &Tensor,
     limit: f32,
@@ -343,11 +343,14 @@ pub fn sampled_delta_no_grad(
         return Ok(None);
     }
     // Drawn only once the op is known to apply (callers fall back to a path drawing the same).
-    let eps = eps(n * r)?;
+    // The (serial) generator runs on one thread while the GEMM `x · A_t` runs on the others.
+    let (eps, h) = rayon::join(|| eps(n * r), || -> Result<Vec<f32>> {
+        Ok(x.matmul(a_t)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?) // (n, 2R)
+    });
+    let (eps, h) = (eps?, h?);
     if eps.len() != n * r {
         return Err(crate::error::Error::Model(format!("sampled path: {} normal draws, expected {}", eps.len(), n * r)));
     }
-    let h = x.matmul(a_t)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?; // (n, 2R)
     let ldv = ld.to_vec1::<f32>()?;
     let mut z = eps;
     let rows = (8192 / (2 * r).max(1)).max(1);
