@@ -206,6 +206,7 @@ impl Linear {
                 });
             }
         }
+        let weight = gemm_layout(weight, kind)?;
         Ok(Self(Arc::new(Site {
             path,
             in_features,
@@ -272,7 +273,8 @@ impl Site {
 
     /// The current base weight (merged adapters included).
     pub fn weight(&self) -> Result<Tensor> {
-        Ok(self.read()?.weight.clone())
+        // Contiguous in the logical layout (the stored one may be the transposed view).
+        Ok(self.read()?.weight.contiguous()?)
     }
     /// The current base bias (the trainable one when `bias` made it trainable).
     pub fn bias(&self) -> Result<Option<Tensor>> {
@@ -294,7 +296,7 @@ impl Site {
                 hint: String::new(),
             });
         }
-        g.weight = w;
+        g.weight = gemm_layout(w, self.kind)?;
         Ok(())
     }
 
@@ -325,7 +327,7 @@ impl Site {
     /// Adds a per-adapter trainable copy of this layer (`modules_to_save`).
     pub fn add_module_copy(&self, adapter: &str) -> Result<()> {
         let mut g = self.write()?;
-        let weight = Var::from_tensor(&g.weight.to_dtype(DType::F32)?.to_dtype(g.weight.dtype())?)?;
+        let weight = Var::from_tensor(&g.weight.to_dtype(DType::F32)?.to_dtype(g.weight.dtype())?.contiguous()?)?;
         let bias = match &g.bias {
             Some(b) => Some(Var::from_tensor(b)?),
             None => None,
@@ -581,7 +583,7 @@ impl Site {
             }
             // Detached: merging happens under no_grad in PEFT; a weight that carried the λ's
             // graph made every later forward keep its whole graph alive (18 GB in `pvera bench`).
-            g.weight = merged.to_dtype(dtype)?.detach();
+            g.weight = gemm_layout(merged.to_dtype(dtype)?.detach(), self.kind)?;
             g.merged.push(name.clone());
             done.push(name);
         }
@@ -596,7 +598,7 @@ impl Site {
             if g.adapters.contains_key(&name) {
                 let dw = self.delta_weight_locked(&g, &name)?;
                 let dtype = g.weight.dtype();
-                g.weight = (g.weight.to_dtype(DType::F32)? - dw)?.to_dtype(dtype)?.detach();
+                g.weight = gemm_layout((g.weight.to_dtype(DType::F32)? - dw)?.to_dtype(dtype)?.detach(), self.kind)?;
             }
             n += 1;
         }
@@ -785,7 +787,7 @@ impl Site {
         for (name, ..) in &key {
             w = (w + self.delta_weight_locked(g, name)?.detach())?;
         }
-        let w = w.detach();
+        let w = gemm_layout(w.detach(), self.kind)?;
         *cache = Some(AutoMerged { weight_id: g.weight.id(), adapters: key, merged: w.clone() });
         Ok(Some(w))
     }
@@ -919,6 +921,22 @@ fn check_logvar(logvar: &Tensor, path: &str, adapter: &str) -> Result<()> {
              checkpoint; the mean path (no sampling) is unaffected"
         ),
     })
+}
+
+/// A base weight in the memory layout its GEMM reads fastest. A Linear weight is logically
+/// `(out, in)` and multiplies as `x · Wᵀ`; on the CPU (f32) it is stored as the transposed view
+/// of a contiguous `(in, out)` buffer, so `Wᵀ` is a plain row-major operand (candle's GEMM runs
+/// about 20 % faster on the 384 × 384 projections of MiniLM than with the strided `Wᵀ`). The
+/// logical shape and values are unchanged; [`Site::weight`] hands out a contiguous copy.
+fn gemm_layout(w: Tensor, kind: LinearKind) -> Result<Tensor> {
+    if kind != LinearKind::Linear || !w.device().is_cpu() || w.dtype() != DType::F32 || w.rank() != 2 {
+        return Ok(w);
+    }
+    let wt = w.t()?;
+    if wt.is_contiguous() {
+        return Ok(w);
+    }
+    Ok(wt.contiguous()?.t()?)
 }
 
 /// A variable as a forward input: tracked for autograd when gradients are on, detached otherwise.
