@@ -315,6 +315,30 @@ impl CustomOp1 for GeluErf {
     }
 }
 
+/// `x (m, k) · w (k, n)` of two f32 CPU tensors into a fresh row-major buffer, on all threads
+/// (one GEMM straight from the tensors' storage: no intermediate tensor, no copy out of it).
+fn gemm_to_vec(x: &Tensor, w: &Tensor) -> Result<Vec<f32>> {
+    let (m, k) = x.dims2()?;
+    let (k2, n) = w.dims2()?;
+    if k != k2 {
+        return Err(crate::error::Error::Model(format!("gemm: ({m}, {k}) · ({k2}, {n})")));
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
+        return Err(crate::error::Error::Model("gemm: operands must be on the CPU".into()));
+    };
+    let (xv, wv) = (contiguous_f32(xs, xl, "lhs")?, contiguous_f32(ws, wl, "rhs")?);
+    if xv.len() != m * k || wv.len() != k * n {
+        return Err(crate::error::Error::Model("gemm: operand sizes".into()));
+    }
+    let mut out = vec![0f32; m * n];
+    // SAFETY: sizes checked; all three buffers are contiguous row-major.
+    unsafe { par_gemm(m, n, k, out.as_mut_ptr(), (n, 1), xv.as_ptr(), (k, 1), wv.as_ptr(), (n, 1)) };
+    Ok(out)
+}
+
 /// The sampled PVeRA adapter path of one layer with gradients off (ε from `eps(n · R)`), on f32 CPU tensors, as two
 /// GEMMs and one fused pass: `h = x · A_t` (`A_t` = `(in, 2R)`), the reparametrisation
 /// ([`crate::simd::reparam_rows`]: `z = mu + ε ⊙ exp(0.5 · logvar)`), then `z · (B_t ⊙ λ_b)`
@@ -344,9 +368,7 @@ pub fn sampled_delta_no_grad(
     }
     // Drawn only once the op is known to apply (callers fall back to a path drawing the same).
     // The (serial) generator runs on one thread while the GEMM `x · A_t` runs on the others.
-    let (eps, h) = rayon::join(|| eps(n * r), || -> Result<Vec<f32>> {
-        Ok(x.matmul(a_t)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?) // (n, 2R)
-    });
+    let (eps, h) = rayon::join(|| eps(n * r), || gemm_to_vec(x, a_t)); // h: (n, 2R)
     let (eps, h) = (eps?, h?);
     if eps.len() != n * r {
         return Err(crate::error::Error::Model(format!("sampled path: {} normal draws, expected {}", eps.len(), n * r)));
