@@ -110,6 +110,7 @@ fn tune_allocator() {
     const M_TRIM_THRESHOLD: i32 = -1;
     const M_TOP_PAD: i32 = -2;
     const M_MMAP_THRESHOLD: i32 = -3;
+    const M_MMAP_MAX: i32 = -4;
     // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
     unsafe {
         mallopt(M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum on 64-bit
@@ -120,6 +121,10 @@ fn tune_allocator() {
         mallopt(M_TRIM_THRESHOLD, -1);
         // Grow the heap in 64 MiB steps instead of one `brk` per large tensor.
         mallopt(M_TOP_PAD, 64 << 20);
+        // No mmap at all: blocks above the (at most 32 MiB) threshold would still be fresh,
+        // page-faulted mappings on every op (a DINOv2-S Monte Carlo forward of 32 images has
+        // 50 MB activations); from the heap they are reused like the smaller ones.
+        mallopt(M_MMAP_MAX, 0);
     }
 }
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

@@ -55,10 +55,12 @@ pub struct McConfig {
     pub with_mean: bool,
 }
 
-/// Default row budget of one batched Monte Carlo forward. Measured on MiniLM-L6 (16 × 128
-/// tokens, 16 samples, 2 threads): 32 rows (2 samples per forward) 3.1 s, 64 rows 3.3–4.1 s,
-/// 256 rows 5.9 s. Larger forwards allocate activations above glibc's 32 MiB mmap threshold,
-/// fresh pages for every tensor, and fall out of cache; the per-forward overhead they save is small.
+/// Default row budget of one batched Monte Carlo forward: small stacks are as fast as large ones
+/// and need far less memory. Measured with `pvera bench` (16 samples, 2 threads): MiniLM-L6 16 × 128
+/// tokens 3.24 s / 3.23 s / 3.28 s with 2 / 4 / 16 samples per forward at 232 MB / 348 MB / 1.0 GB
+/// peak RSS; DINOv2-S 8 × 224²: 6.6 s / 6.5 s / 6.4 s with 2 / 4 / 8 at 248 / 374 / 653 MB. (With
+/// glibc's default allocator settings, which the `pvera` binary changes, forwards with tensors
+/// above 32 MiB were up to 1.8x slower: every such tensor was a fresh, page-faulted mapping.)
 pub const DEFAULT_MAX_ROWS: usize = 32;
 
 impl Default for McConfig {
