@@ -748,7 +748,9 @@ impl Site {
                     t
                 }
             };
-            let delta = self.adapter_delta(slot, name, &x32, &view)?;
+            // The layer input names x·A for sites sharing it (not a Var: its values may change).
+            let key = (!x.is_variable()).then(|| x.id());
+            let delta = self.adapter_delta(slot, name, &x32, key, &view)?;
             if y.dtype() != DType::F32 {
                 y = y.to_dtype(DType::F32)?;
             }
@@ -824,6 +826,7 @@ impl Site {
         slot: &AdapterSlot,
         name: &str,
         x32: &Tensor,
+        key: Option<candle_core::TensorId>,
         view: &ForwardView,
     ) -> Result<Tensor> {
         let training = view.mode == Mode::Train;
@@ -831,7 +834,11 @@ impl Site {
         let n = x32.dims()[0];
         let r = slot.r;
         let p = &slot.projections;
-        let xd = if training && slot.dropout > 0.0 {
+        let dropped = training && slot.dropout > 0.0;
+        // x·A of this input, if a site with the same projections computed it (query, then value).
+        let key = key.filter(|_| !dropped);
+        let cached = key.and_then(|k| p.xa(k, self.in_features, n));
+        let xd = if dropped {
             let numel = x32.elem_count();
             let mut mask = vec![1f32; numel];
             self.state.with_global_generator(|g| g.dropout_f32(&mut mask, slot.dropout))?;
@@ -848,14 +855,17 @@ impl Site {
         if sample && !(training && view.collect_kl) && !xd.track_op() && !lb.track_op() && !ld.track_op() {
             let b_t = p.b_slice_t(self.out_features)?; // (R, out)
             let draw = |m: usize| self.draw_eps(slot, m);
-            if let Some((delta, over)) =
-                crate::ops::sampled_delta_no_grad(&xd, &a_t, &ld, draw, &b_t, &lb, LOGVAR_LIMIT)?
+            if let Some(out) =
+                crate::ops::sampled_delta_no_grad(&xd, &a_t, &ld, draw, &b_t, &lb, LOGVAR_LIMIT, cached.clone())?
             {
-                if over > 0 {
+                if out.over > 0 {
                     let logvar = matmul_const(&xd, &a_t.narrow(1, r, r)?)?.broadcast_mul(&ld.narrow(0, r, r)?)?;
                     check_logvar(&logvar, &self.path, name)?;
                 }
-                return Ok(delta);
+                if let Some(k) = key {
+                    p.store_xa(k, self.in_features, n, out.xa);
+                }
+                return Ok(out.delta);
             }
         }
         // Sampling with gradients (training) and no KL term to collect: one fused op with its
@@ -863,12 +873,15 @@ impl Site {
         if sample && !(training && view.collect_kl) {
             let b_t = p.b_slice_t(self.out_features)?; // (R, out)
             let draw = |m: usize| self.draw_eps(slot, m);
-            if let Some((delta, over)) = crate::ops::sampled_delta(&xd, &a_t, &ld, draw, &b_t, &lb, LOGVAR_LIMIT)? {
-                if over > 0 {
+            if let Some(out) = crate::ops::sampled_delta(&xd, &a_t, &ld, draw, &b_t, &lb, LOGVAR_LIMIT, cached)? {
+                if out.over > 0 {
                     let logvar = matmul_const(&xd, &a_t.narrow(1, r, r)?)?.broadcast_mul(&ld.narrow(0, r, r)?)?;
                     check_logvar(&logvar.detach(), &self.path, name)?;
                 }
-                return Ok(delta);
+                if let Some(k) = key {
+                    p.store_xa(k, self.in_features, n, out.xa);
+                }
+                return Ok(out.delta);
             }
         }
         let h = matmul_const(&xd, &a_t)?.broadcast_mul(&ld)?; // (n, 2R)

@@ -355,7 +355,8 @@ pub fn sampled_delta_no_grad(
     b_t: &Tensor,
     lb: &Tensor,
     limit: f32,
-) -> Result<Option<(Tensor, usize)>> {
+    xa: Option<std::sync::Arc<Vec<f32>>>,
+) -> Result<Option<SampledOut>> {
     use rayon::prelude::*;
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && !t.track_op();
     if ![x, a_t, ld, b_t, lb].iter().all(|t| f32_cpu(t)) || x.rank() != 2 || a_t.rank() != 2 || b_t.rank() != 2 {
@@ -368,8 +369,13 @@ pub fn sampled_delta_no_grad(
     }
     // Drawn only once the op is known to apply (callers fall back to a path drawing the same).
     // The (serial) generator runs on one thread while the GEMM `x · A_t` runs on the others.
-    let (eps, h) = rayon::join(|| eps(n * r), || gemm_to_vec(x, a_t)); // h: (n, 2R)
-    let (eps, h) = (eps?, h?);
+    let (eps, h) = match xa {
+        Some(h) if h.len() == n * 2 * r => (eps(n * r)?, h),
+        _ => {
+            let (eps, h) = rayon::join(|| eps(n * r), || gemm_to_vec(x, a_t)); // h: (n, 2R)
+            (eps?, std::sync::Arc::new(h?))
+        }
+    };
     if eps.len() != n * r {
         return Err(crate::error::Error::Model(format!("sampled path: {} normal draws, expected {}", eps.len(), n * r)));
     }
@@ -383,7 +389,17 @@ pub fn sampled_delta_no_grad(
         .sum();
     let z = Tensor::from_vec(z, (n, r), x.device())?;
     let bs = b_t.broadcast_mul(&lb.reshape((1, out))?)?; // (R, out) ⊙ λ_b per column
-    Ok(Some((z.matmul(&bs)?, over)))
+    Ok(Some(SampledOut { delta: z.matmul(&bs)?, over, xa: h }))
+}
+
+/// What the fused sampled adapter paths return.
+pub struct SampledOut {
+    /// The layer's adapter output, `(n, out)`.
+    pub delta: Tensor,
+    /// How many log-variances exceeded the limit (or were NaN).
+    pub over: usize,
+    /// `x · A_t` (`n × 2R`, before λ_d), for sites that read the same input.
+    pub xa: std::sync::Arc<Vec<f32>>,
 }
 
 /// The sampled PVeRA adapter path of one layer with gradients, on f32 CPU tensors:
@@ -401,7 +417,8 @@ pub fn sampled_delta(
     b_t: &Tensor,
     lb: &Tensor,
     limit: f32,
-) -> Result<Option<(Tensor, usize)>> {
+    xa: Option<std::sync::Arc<Vec<f32>>>,
+) -> Result<Option<SampledOut>> {
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
     if ![x, a_t, ld, b_t, lb].iter().all(|t| f32_cpu(t)) || x.rank() != 2 || a_t.rank() != 2 || b_t.rank() != 2 {
         return Ok(None);
@@ -416,6 +433,7 @@ pub fn sampled_delta(
         return Err(crate::error::Error::Model(format!("sampled path: {} normal draws, expected {}", eps.len(), n * r)));
     }
     let over = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let saved = std::sync::Arc::new(std::sync::Mutex::new(None));
     let op = SampledAdapter {
         a_t: a_t.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
         b_t: b_t.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
@@ -425,15 +443,18 @@ pub fn sampled_delta(
         out,
         limit,
         over: over.clone(),
-        saved: std::sync::Mutex::new(None),
+        xa: xa.filter(|h| h.len() == n * 2 * r),
+        saved: saved.clone(),
     };
     let y = x.contiguous()?.apply_op3(&ld.contiguous()?, &lb.contiguous()?, op)?;
-    Ok(Some((y, over.load(std::sync::atomic::Ordering::Relaxed))))
+    let h = saved.lock().ok().and_then(|g| g.as_ref().map(|s| s.h.clone()));
+    let h = h.ok_or_else(|| crate::error::Error::Model("sampled path: the forward kept no state".into()))?;
+    Ok(Some(SampledOut { delta: y, over: over.load(std::sync::atomic::Ordering::Relaxed), xa: h }))
 }
 
 struct SampledSaved {
     /// `x · A_t`, (n, 2R), before λ_d.
-    h: Vec<f32>,
+    h: std::sync::Arc<Vec<f32>>,
     /// `z · B_t`, (n, out), before λ_b.
     u: Vec<f32>,
 }
@@ -448,7 +469,10 @@ struct SampledAdapter {
     limit: f32,
     /// Log-variances above `limit` (or NaN) in the forward, for the caller.
     over: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    saved: std::sync::Mutex<Option<SampledSaved>>,
+    /// `x · A_t` computed by a site that read the same input, if any.
+    xa: Option<std::sync::Arc<Vec<f32>>>,
+    /// What backward needs, shared with the caller (which hands `h` on to the next site).
+    saved: std::sync::Arc<std::sync::Mutex<Option<SampledSaved>>>,
 }
 
 /// `dst (m, n) := lhs (m, k) · rhs (k, n)` on all threads; strides as (row, column) pairs.
@@ -516,9 +540,17 @@ impl candle_core::CustomOp3 for SampledAdapter {
         if x.len() != n * inf || ld.len() != 2 * r || lb.len() != out || self.eps.len() != n * r {
             return Err(candle_core::Error::Msg("sampled adapter: inconsistent shapes".into()));
         }
-        let mut h = vec![0f32; n * 2 * r];
-        // SAFETY: sizes checked above; A_t is (inf, 2R) contiguous.
-        unsafe { par_gemm(n, 2 * r, inf, h.as_mut_ptr(), (2 * r, 1), x.as_ptr(), (inf, 1), self.a_t.as_ptr(), (2 * r, 1)) };
+        let h = match &self.xa {
+            Some(h) => h.clone(),
+            None => {
+                let mut h = vec![0f32; n * 2 * r];
+                // SAFETY: sizes checked above; A_t is (inf, 2R) contiguous.
+                unsafe {
+                    par_gemm(n, 2 * r, inf, h.as_mut_ptr(), (2 * r, 1), x.as_ptr(), (inf, 1), self.a_t.as_ptr(), (2 * r, 1))
+                };
+                std::sync::Arc::new(h)
+            }
+        };
         let mut z = self.eps.clone();
         let rows = (8192 / (2 * r).max(1)).max(1);
         let over: usize = h
@@ -1074,10 +1106,22 @@ mod tests {
         let b_t = Tensor::from_vec(mk(r * out, 13, 0.3), (r, out), &dev).unwrap();
         let eps = mk(n * r, 17, 1.5);
         let up = Tensor::from_vec(mk(n * out, 19, 1.0), (n, out), &dev).unwrap();
-        let (a, over) = sampled_delta(x.as_tensor(), &a_t, ld.as_tensor(), |_| Ok(eps.clone()), &b_t, lb.as_tensor(), 88.0)
+        let out = sampled_delta(x.as_tensor(), &a_t, ld.as_tensor(), |_| Ok(eps.clone()), &b_t, lb.as_tensor(), 88.0, None)
             .unwrap()
             .unwrap();
-        assert_eq!(over, 0);
+        assert_eq!(out.over, 0);
+        let a = out.delta;
+        // Handing the computed x·A to a second call (the next site on the same input) changes nothing.
+        let again =
+            sampled_delta(x.as_tensor(), &a_t, ld.as_tensor(), |_| Ok(eps.clone()), &b_t, lb.as_tensor(), 88.0, Some(out.xa.clone()))
+                .unwrap()
+                .unwrap();
+        close(&again.delta, &a, 0.0);
+        let ng = sampled_delta_no_grad(&x.as_tensor().detach(), &a_t, &ld.as_tensor().detach(), |_| Ok(eps.clone()), &b_t,
+            &lb.as_tensor().detach(), 88.0, Some(out.xa.clone()))
+            .unwrap()
+            .unwrap();
+        close(&ng.delta, &a, 1e-5);
         // The composite, as the layer computes it without the fused op.
         let h = x.as_tensor().matmul(&a_t).unwrap().broadcast_mul(ld.as_tensor()).unwrap();
         let (mu, lv) = (h.narrow(1, 0, r).unwrap(), h.narrow(1, r, r).unwrap());
@@ -1092,9 +1136,9 @@ mod tests {
         }
         // An overflowing log-variance is counted (the layer turns it into its named error).
         let big = Tensor::from_vec(vec![500f32; 2 * r], 2 * r, &dev).unwrap();
-        let (_, over) =
-            sampled_delta(x.as_tensor(), &a_t, &big, |_| Ok(eps.clone()), &b_t, lb.as_tensor(), 88.0).unwrap().unwrap();
-        assert!(over > 0);
+        let big_out =
+            sampled_delta(x.as_tensor(), &a_t, &big, |_| Ok(eps.clone()), &b_t, lb.as_tensor(), 88.0, None).unwrap().unwrap();
+        assert!(big_out.over > 0);
     }
 
     fn composite_softmax(x: &Tensor) -> Tensor {

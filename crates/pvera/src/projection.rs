@@ -27,6 +27,18 @@ pub struct Projections {
     origin: ProjectionOrigin,
     a_cache: Mutex<HashMap<usize, (Tensor, Tensor)>>,
     b_cache: Mutex<HashMap<usize, Tensor>>,
+    /// The last `x · A[:, :in]ᵀ` computed from a given input tensor (see [`Projections::xa`]).
+    xa_cache: Mutex<Option<XaEntry>>,
+}
+
+/// One cached product of an input with the shared A: sites that read the same input tensor
+/// (query and value of one attention block) and share these projections need it only once.
+#[derive(Debug)]
+struct XaEntry {
+    x: candle_core::TensorId,
+    in_features: usize,
+    rows: usize,
+    h: std::sync::Arc<Vec<f32>>,
 }
 
 /// How a [`Projections`] pair was obtained.
@@ -86,6 +98,7 @@ impl Projections {
             origin,
             a_cache: Mutex::new(HashMap::new()),
             b_cache: Mutex::new(HashMap::new()),
+            xa_cache: Mutex::new(None),
         })
     }
 
@@ -116,6 +129,24 @@ impl Projections {
     /// The device holding the projections.
     pub fn device(&self) -> &Device {
         self.a.device()
+    }
+
+    /// The cached `x · A[:, :in]ᵀ` (`rows × 2R`, row-major) of the input tensor `x`, if it is the
+    /// last one stored for this width. Tensors are immutable and ids unique, so an id names the
+    /// values (callers never key a `Var`, whose values can change under the same id).
+    pub fn xa(&self, x: candle_core::TensorId, in_features: usize, rows: usize) -> Option<std::sync::Arc<Vec<f32>>> {
+        let g = self.xa_cache.lock().ok()?;
+        match g.as_ref() {
+            Some(e) if e.x == x && e.in_features == in_features && e.rows == rows => Some(e.h.clone()),
+            _ => None,
+        }
+    }
+
+    /// Stores `x · A[:, :in]ᵀ` for [`Projections::xa`] (replacing the previous entry).
+    pub fn store_xa(&self, x: candle_core::TensorId, in_features: usize, rows: usize, h: std::sync::Arc<Vec<f32>>) {
+        if let Ok(mut g) = self.xa_cache.lock() {
+            *g = Some(XaEntry { x, in_features, rows, h });
+        }
     }
 
     /// `A[:, :in]` as a contiguous (2R, in) tensor and its transpose laid out contiguously
