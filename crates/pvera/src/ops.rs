@@ -49,6 +49,16 @@ pub fn matmul_bias_const(x: &Tensor, rhs: &Tensor, bias: Option<&Tensor>) -> Res
     Ok(x.apply_op1(BiasMatmul { rhs: rhs.clone(), bias })?)
 }
 
+/// `(m, k, n)` of `x (m, k) · rhs (k, n)`, or candle's shape error naming `op`.
+fn frozen_dims(layout: &Layout, rhs: &Tensor, op: &'static str) -> candle_core::Result<(usize, usize, usize)> {
+    let (m, k) = layout.shape().dims2()?;
+    let (k2, n) = rhs.dims2()?;
+    if k != k2 {
+        return Err(candle_core::Error::ShapeMismatchBinaryOp { lhs: layout.shape().clone(), rhs: rhs.shape().clone(), op });
+    }
+    Ok((m, k, n))
+}
+
 struct BiasMatmul {
     rhs: Tensor,
     bias: Option<Vec<f32>>,
@@ -60,15 +70,7 @@ impl CustomOp1 for BiasMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = layout.shape().dims2()?;
-        let (k2, n) = self.rhs.dims2()?;
-        if k != k2 {
-            return Err(candle_core::Error::ShapeMismatchBinaryOp {
-                lhs: layout.shape().clone(),
-                rhs: self.rhs.shape().clone(),
-                op: "bias-matmul",
-            });
-        }
+        let (m, k, n) = frozen_dims(layout, &self.rhs, "bias-matmul")?;
         let (rs, rl) = self.rhs.storage_and_layout();
         let Storage::Cpu(rs) = &*rs else {
             return Err(candle_core::Error::Msg("bias-matmul: the frozen operand is not on the CPU".into()));
@@ -97,35 +99,11 @@ impl CustomOp1 for BiasMatmul {
             }
             None => vec![0f32; m * n],
         };
-        if m > 0 && n > 0 {
-            let threads = candle_core::utils::get_num_threads();
-            let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-            // SAFETY: dst is a contiguous (m, n) buffer; lhs and rhs cover every element their
-            // strides address (checked above). dst := 1·dst + 1·lhs·rhs.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    dst.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    true,
-                    lhs.as_ptr(),
-                    ls[1] as isize,
-                    ls[0] as isize,
-                    rhs.as_ptr(),
-                    rst[1] as isize,
-                    rst[0] as isize,
-                    1f32,
-                    1f32,
-                    false,
-                    false,
-                    false,
-                    par,
-                )
-            };
-        }
+        // SAFETY: dst is a contiguous (m, n) buffer; lhs and rhs cover every element their
+        // strides address (checked above). dst := dst + lhs · rhs (dst holds the bias rows).
+        unsafe {
+            gemm_f32(m, n, k, dst.as_mut_ptr(), (n, 1), true, lhs.as_ptr(), (ls[0], ls[1]), rhs.as_ptr(), (rst[0], rst[1]), true)
+        };
         Ok((CpuStorage::F32(dst), Shape::from((m, n))))
     }
 
@@ -144,15 +122,7 @@ impl CustomOp1 for ConstMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = layout.shape().dims2()?;
-        let (k2, n) = self.rhs.dims2()?;
-        if k != k2 {
-            return Err(candle_core::Error::ShapeMismatchBinaryOp {
-                lhs: layout.shape().clone(),
-                rhs: self.rhs.shape().clone(),
-                op: "const-matmul",
-            });
-        }
+        let (m, k, n) = frozen_dims(layout, &self.rhs, "const-matmul")?;
         let (rs, rl) = self.rhs.storage_and_layout();
         let Storage::Cpu(rs) = &*rs else {
             return Err(candle_core::Error::Msg("const-matmul: the frozen operand is not on the CPU".into()));
@@ -335,7 +305,7 @@ fn gemm_to_vec(x: &Tensor, w: &Tensor) -> Result<Vec<f32>> {
     }
     let mut out = vec![0f32; m * n];
     // SAFETY: sizes checked; all three buffers are contiguous row-major.
-    unsafe { par_gemm(m, n, k, out.as_mut_ptr(), (n, 1), xv.as_ptr(), (k, 1), wv.as_ptr(), (n, 1)) };
+    unsafe { gemm_f32(m, n, k, out.as_mut_ptr(), (n, 1), false, xv.as_ptr(), (k, 1), wv.as_ptr(), (n, 1), true) };
     Ok(out)
 }
 
@@ -475,50 +445,6 @@ struct SampledAdapter {
     saved: std::sync::Arc<std::sync::Mutex<Option<SampledSaved>>>,
 }
 
-/// `dst (m, n) := lhs (m, k) · rhs (k, n)` on all threads; strides as (row, column) pairs.
-///
-/// # Safety
-/// Every pointer must address all elements its strides reach for the given sizes.
-#[allow(clippy::too_many_arguments)]
-unsafe fn par_gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_s: (usize, usize),
-    lhs: *const f32,
-    lhs_s: (usize, usize),
-    rhs: *const f32,
-    rhs_s: (usize, usize),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let threads = candle_core::utils::get_num_threads();
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        dst_s.1 as isize,
-        dst_s.0 as isize,
-        false,
-        lhs,
-        lhs_s.1 as isize,
-        lhs_s.0 as isize,
-        rhs,
-        rhs_s.1 as isize,
-        rhs_s.0 as isize,
-        0f32,
-        1f32,
-        false,
-        false,
-        false,
-        par,
-    )
-}
-
 impl candle_core::CustomOp3 for SampledAdapter {
     fn name(&self) -> &'static str {
         "pvera-sampled-adapter"
@@ -546,7 +472,7 @@ impl candle_core::CustomOp3 for SampledAdapter {
                 let mut h = vec![0f32; n * 2 * r];
                 // SAFETY: sizes checked above; A_t is (inf, 2R) contiguous.
                 unsafe {
-                    par_gemm(n, 2 * r, inf, h.as_mut_ptr(), (2 * r, 1), x.as_ptr(), (inf, 1), self.a_t.as_ptr(), (2 * r, 1))
+                    gemm_f32(n, 2 * r, inf, h.as_mut_ptr(), (2 * r, 1), false, x.as_ptr(), (inf, 1), self.a_t.as_ptr(), (2 * r, 1), true)
                 };
                 std::sync::Arc::new(h)
             }
@@ -560,7 +486,7 @@ impl candle_core::CustomOp3 for SampledAdapter {
             .sum();
         let mut u = vec![0f32; n * out];
         // SAFETY: z is (n, R), B_t (R, out), u (n, out), all contiguous.
-        unsafe { par_gemm(n, out, r, u.as_mut_ptr(), (out, 1), z.as_ptr(), (r, 1), self.b_t.as_ptr(), (out, 1)) };
+        unsafe { gemm_f32(n, out, r, u.as_mut_ptr(), (out, 1), false, z.as_ptr(), (r, 1), self.b_t.as_ptr(), (out, 1), true) };
         let mut y = u.clone();
         y.par_chunks_mut(out.max(1) * 64).for_each(|c| {
             for row in c.chunks_mut(out.max(1)) {
@@ -619,7 +545,7 @@ impl candle_core::CustomOp3 for SampledAdapter {
         // gz = gl · B_tᵀ: rhs(o, j) = B_t[j, o].
         let mut gz = vec![0f32; n * r];
         // SAFETY: gl (n, out), B_t (R, out), gz (n, R), all contiguous.
-        unsafe { par_gemm(n, r, out, gz.as_mut_ptr(), (r, 1), gl.as_ptr(), (out, 1), self.b_t.as_ptr(), (1, out)) };
+        unsafe { gemm_f32(n, r, out, gz.as_mut_ptr(), (r, 1), false, gl.as_ptr(), (out, 1), self.b_t.as_ptr(), (1, out), true) };
         // dh and dλ_d in one pass.
         let mut dh = vec![0f32; n * 2 * r];
         let rows = (8192 / (2 * r).max(1)).max(1);
@@ -639,7 +565,7 @@ impl candle_core::CustomOp3 for SampledAdapter {
         // dx = dh · A_tᵀ: rhs(c, k) = A_t[k, c].
         let mut dx = vec![0f32; n * inf];
         // SAFETY: dh (n, 2R), A_t (inf, 2R), dx (n, inf), all contiguous.
-        unsafe { par_gemm(n, inf, 2 * r, dx.as_mut_ptr(), (inf, 1), dh.as_ptr(), (2 * r, 1), self.a_t.as_ptr(), (1, 2 * r)) };
+        unsafe { gemm_f32(n, inf, 2 * r, dx.as_mut_ptr(), (inf, 1), false, dh.as_ptr(), (2 * r, 1), self.a_t.as_ptr(), (1, 2 * r), true) };
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -704,23 +630,34 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
-/// `dst (m, n) := lhs (m, k) · rhs (k, n)` (or `+=` with `acc`), single-threaded (the caller
-/// parallelises over heads); strides as (row, column) pairs in elements.
+/// candle's GEMM (the `gemm` crate) on raw f32 buffers: `dst (m, n) := lhs (m, k) · rhs (k, n)`,
+/// or `dst += lhs · rhs` with `accumulate`; strides as (row, column) pairs in elements; on all of
+/// candle's threads when `parallel`, else on the calling thread (callers that parallelise
+/// themselves, e.g. over attention heads).
 ///
 /// # Safety
-/// Every pointer must address all elements its strides reach for the given sizes.
+/// Every pointer must address all elements its strides reach for the given sizes, and `dst` must
+/// not overlap `lhs` or `rhs`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn small_gemm(
+unsafe fn gemm_f32(
     m: usize,
     n: usize,
     k: usize,
     dst: *mut f32,
     dst_s: (usize, usize),
+    accumulate: bool,
     lhs: *const f32,
     lhs_s: (usize, usize),
     rhs: *const f32,
     rhs_s: (usize, usize),
+    parallel: bool,
 ) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = if parallel { candle_core::utils::get_num_threads() } else { 1 };
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let alpha = if accumulate { 1f32 } else { 0f32 };
     gemm::gemm(
         m,
         n,
@@ -728,19 +665,19 @@ unsafe fn small_gemm(
         dst,
         dst_s.1 as isize,
         dst_s.0 as isize,
-        false,
+        accumulate,
         lhs,
         lhs_s.1 as isize,
         lhs_s.0 as isize,
         rhs,
         rhs_s.1 as isize,
         rhs_s.0 as isize,
-        0f32,
+        alpha,
         1f32,
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        par,
     )
 }
 
@@ -760,7 +697,7 @@ impl Attention {
         let (s, dm) = (self.s, self.heads * self.hd);
         let off = bi * s * dm + hi * self.hd;
         // p = Q_bh · K_bhᵀ: rhs(c, j) = K[j, c].
-        small_gemm(s, s, self.hd, p.as_mut_ptr(), (s, 1), q.add(off), (dm, 1), k.add(off), (1, dm));
+        gemm_f32(s, s, self.hd, p.as_mut_ptr(), (s, 1), false, q.add(off), (dm, 1), k.add(off), (1, dm), false);
         crate::simd::softmax_rows(p, s, self.scale, self.mask_row(bi));
     }
 
@@ -820,7 +757,7 @@ impl candle_core::CustomOp3 for Attention {
                 // own (bi, hi) column block of `out`.
                 unsafe {
                     self.probs(q.as_ptr(), k.as_ptr(), bi, hi, p);
-                    small_gemm(s, self.hd, s, o.0.add(off), (dm, 1), p.as_ptr(), (s, 1), v.as_ptr().add(off), (dm, 1));
+                    gemm_f32(s, self.hd, s, o.0.add(off), (dm, 1), false, p.as_ptr(), (s, 1), v.as_ptr().add(off), (dm, 1), false);
                 }
             },
         );
@@ -856,9 +793,9 @@ impl candle_core::CustomOp3 for Attention {
                     let (qp, kp, vp, gp) = (qv.as_ptr(), kv.as_ptr(), vv.as_ptr(), g.as_ptr().add(off));
                     self.probs(qp, kp, bi, hi, p);
                     // dP = dO · Vᵀ
-                    small_gemm(s, s, hd, dp.as_mut_ptr(), (s, 1), gp, (dm, 1), vp.add(off), (1, dm));
+                    gemm_f32(s, s, hd, dp.as_mut_ptr(), (s, 1), false, gp, (dm, 1), vp.add(off), (1, dm), false);
                     // dV = Pᵀ · dO
-                    small_gemm(s, hd, s, pv.0.add(off), (dm, 1), p.as_ptr(), (1, s), gp, (dm, 1));
+                    gemm_f32(s, hd, s, pv.0.add(off), (dm, 1), false, p.as_ptr(), (1, s), gp, (dm, 1), false);
                     // dS = scale · P ⊙ (dP − Σ_j dP ⊙ P)
                     for (pr, dr) in p.chunks(s).zip(dp.chunks_mut(s)) {
                         let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
@@ -867,8 +804,8 @@ impl candle_core::CustomOp3 for Attention {
                         }
                     }
                     // dQ = dS · K, dK = dSᵀ · Q
-                    small_gemm(s, hd, s, pq.0.add(off), (dm, 1), dp.as_ptr(), (s, 1), kp.add(off), (dm, 1));
-                    small_gemm(s, hd, s, pk.0.add(off), (dm, 1), dp.as_ptr(), (1, s), qp.add(off), (dm, 1));
+                    gemm_f32(s, hd, s, pq.0.add(off), (dm, 1), false, dp.as_ptr(), (s, 1), kp.add(off), (dm, 1), false);
+                    gemm_f32(s, hd, s, pk.0.add(off), (dm, 1), false, dp.as_ptr(), (1, s), qp.add(off), (dm, 1), false);
                 }
             },
         );
