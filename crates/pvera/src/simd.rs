@@ -211,8 +211,24 @@ enum Level {
     Base,
 }
 
+/// Tests only: run every kernel at this level instead of the detected one (0 = detected).
+#[cfg(all(test, target_arch = "x86_64"))]
+static FORCED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
 #[cfg(target_arch = "x86_64")]
 fn level() -> Level {
+    #[cfg(test)]
+    match FORCED.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => return Level::V4,
+        2 => return Level::V3,
+        3 => return Level::Base,
+        _ => {}
+    }
+    detected_level()
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detected_level() -> Level {
     use std::sync::OnceLock;
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
@@ -388,6 +404,50 @@ mod tests {
             let pdf = (-0.5 * x64 * x64).exp() / (2.0 * std::f64::consts::PI).sqrt();
             let want = *g as f64 * (cdf + x64 * pdf);
             assert!((*d as f64 - want).abs() < 2e-6 * (1.0 + want.abs()), "gelu'({x}) = {d}, want {want}");
+        }
+    }
+
+    /// The AVX-512, AVX2 + FMA and baseline builds of every kernel give the same bits (on the
+    /// levels this CPU has; the baseline always runs).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_instantiation_returns_the_same_bits() {
+        use std::sync::atomic::Ordering;
+        let xs: Vec<f32> = (0..4099).map(|i| (i as f32 - 2049.0) * 0.0131).collect();
+        let gs: Vec<f32> = xs.iter().map(|x| 0.5 - 0.07 * x).collect();
+        let run = || {
+            let mut e = vec![0f32; xs.len()];
+            exp(&xs, &mut e);
+            let mut g = xs.clone();
+            gelu_in_place(&mut g);
+            let mut d = vec![0f32; xs.len()];
+            gelu_grad(&xs, &gs, &mut d);
+            let mut sm = xs[..37 * 110].to_vec();
+            softmax_rows(&mut sm, 37, 0.7, Some(&gs[..37]));
+            let r = 8;
+            let mut z = gs[..40 * r].to_vec();
+            let over = reparam_rows(&xs[..40 * 2 * r], &gs[..2 * r], &mut z, r, 88.0);
+            let mut dh = vec![0f32; 40 * 2 * r];
+            let mut acc = vec![0f32; 2 * r];
+            reparam_grad_rows(&xs[..40 * 2 * r], &gs[..2 * r], &gs[..40 * r], &xs[..40 * r], &mut dh, &mut acc, r);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            (bits(&e), bits(&g), bits(&d), bits(&sm), bits(&z), over, bits(&dh), bits(&acc))
+        };
+        let mut levels = vec![3u8];
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            levels.push(2);
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            levels.push(1);
+        }
+        let mut results = Vec::new();
+        for l in &levels {
+            FORCED.store(*l, Ordering::Relaxed);
+            results.push(run());
+        }
+        FORCED.store(0, Ordering::Relaxed);
+        for (l, r) in levels.iter().zip(&results).skip(1) {
+            assert!(*r == results[0], "level {l} differs from the baseline");
         }
     }
 
