@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 mod common;
-use common::{fixtures, pvera, s, show, spam_jsonl};
+use common::{fixtures, pvera, s, show, spam_jsonl, tiny_bert, train_tiny_bert};
 
 fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", show(o)))
@@ -13,20 +13,15 @@ fn json(o: &Output) -> serde_json::Value {
 
 /// Trains a tiny BERT text classifier; returns (tempdir, model, tokenizer, data, output dir).
 fn trained_bert() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = spam_jsonl(tmp.path());
-    let out = tmp.path().join("out");
-    let model = fixtures().join("models/bert_tiny/model");
-    let tok = fixtures().join("data/tokenizer.json");
+    let t = tiny_bert();
     // init_weights=false-like spread comes from training with a large lr; d_initial 1 makes the
     // latent's variance visible in a 2-epoch run.
-    let o = pvera(&[
-        "train", "--model", s(&model), "--tokenizer", s(&tok), "--data", s(&data), "--task", "text-classification",
-        "--output", s(&out), "--epochs", "2", "--batch-size", "3", "--r", "8", "--target-modules", "query,value",
-        "--lr", "5e-2", "--d-initial", "1.0", "--eval-data", s(&data), "--threads", "1",
-    ]);
+    let o = train_tiny_bert(
+        &t,
+        &["--epochs", "2", "--batch-size", "3", "--lr", "5e-2", "--d-initial", "1.0", "--eval-data", s(&t.data), "--threads", "1"],
+    );
     assert!(o.status.success(), "{}", show(&o));
-    (tmp, model, tok, data, out)
+    (t.tmp, t.model, t.tok, t.data, t.out)
 }
 
 #[test]
@@ -193,16 +188,9 @@ fn bad_predict_and_eval_input_gives_clear_errors() {
 
 #[test]
 fn eval_held_out_of_uses_exactly_the_examples_training_left_unused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = spam_jsonl(tmp.path());
-    let out = tmp.path().join("out");
-    let model = fixtures().join("models/bert_tiny/model");
-    let tok = fixtures().join("data/tokenizer.json");
-    let o = pvera(&[
-        "train", "--model", s(&model), "--tokenizer", s(&tok), "--data", s(&data), "--task", "text-classification",
-        "--output", s(&out), "--epochs", "1", "--batch-size", "2", "--r", "8", "--target-modules", "query,value",
-        "--train-size", "5", "--eval-held-out", "3", "--threads", "1",
-    ]);
+    let t = tiny_bert();
+    let (tmp, data, out, model, tok) = (&t.tmp, &t.data, &t.out, &t.model, &t.tok);
+    let o = train_tiny_bert(&t, &["--epochs", "1", "--batch-size", "2", "--train-size", "5", "--eval-held-out", "3", "--threads", "1"]);
     assert!(o.status.success(), "{}", show(&o));
     let split: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("split.json")).unwrap()).unwrap();
     assert_eq!(split["unused"].as_array().unwrap().len(), 3);

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 mod common;
-use common::{fixtures, pvera, s, show, spam_jsonl};
+use common::{fixtures, pvera, s, show, spam_jsonl, tiny_bert, train_tiny_bert};
 
 fn check_outputs(out: &Path, epochs: usize) {
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
@@ -24,16 +24,9 @@ fn check_outputs(out: &Path, epochs: usize) {
 
 #[test]
 fn text_classification_on_tiny_bert() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = spam_jsonl(tmp.path());
-    let out = tmp.path().join("out");
-    let model = fixtures().join("models/bert_tiny/model");
-    let tok = fixtures().join("data/tokenizer.json");
-    let o = pvera(&[
-        "train", "--model", s(&model), "--tokenizer", s(&tok), "--data", s(&data), "--task", "text-classification",
-        "--output", s(&out), "--epochs", "2", "--batch-size", "3", "--r", "8", "--target-modules", "query,value",
-        "--lr", "1e-2", "--eval-data", s(&data), "--threads", "1",
-    ]);
+    let t = tiny_bert();
+    let (tmp, data, out, model) = (&t.tmp, &t.data, &t.out, &t.model);
+    let o = train_tiny_bert(&t, &["--epochs", "2", "--batch-size", "3", "--lr", "1e-2", "--eval-data", s(data), "--threads", "1"]);
     assert!(o.status.success(), "{}", show(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("trainable params:"), "{stdout}");
@@ -64,11 +57,8 @@ fn text_classification_on_tiny_bert() {
     assert!(y.is_file());
 
     // Resume: one more epoch from last/.
-    let o = pvera(&[
-        "train", "--model", s(&model), "--tokenizer", s(&tok), "--data", s(&data), "--task", "text-classification",
-        "--output", s(&out), "--epochs", "3", "--batch-size", "3", "--r", "8", "--target-modules", "query,value",
-        "--lr", "1e-2", "--resume", s(&out.join("last")),
-    ]);
+    let last = out.join("last");
+    let o = train_tiny_bert(&t, &["--epochs", "3", "--batch-size", "3", "--lr", "1e-2", "--resume", s(&last)]);
     assert!(o.status.success(), "{}", show(&o));
     check_outputs(&out, 3);
 }

@@ -184,11 +184,7 @@ impl CustomOp1 for SoftmaxLastDim {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = storage.as_slice::<f32>()?;
-        let Some((o1, o2)) = layout.contiguous_offsets() else {
-            return Err(candle_core::Error::Msg("softmax: input must be contiguous".into()));
-        };
-        let src = &src[o1..o2];
+        let src = contiguous_f32(storage, layout, "softmax: input")?;
         let dims = layout.shape().dims();
         let d = dims[dims.len() - 1].max(1);
         // Rows that share one mask row (everything under one index of the first dimension).
@@ -264,11 +260,8 @@ impl CustomOp1 for GeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = storage.as_slice::<f32>()?;
-        let Some((o1, o2)) = layout.contiguous_offsets() else {
-            return Err(candle_core::Error::Msg("gelu: input must be contiguous".into()));
-        };
-        let dst = par_copy_map(&src[o1..o2], ELEMENTWISE_TASK, |_, block| crate::simd::gelu_in_place(block));
+        let src = contiguous_f32(storage, layout, "gelu: input")?;
+        let dst = par_copy_map(src, ELEMENTWISE_TASK, |_, block| crate::simd::gelu_in_place(block));
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 
@@ -285,6 +278,17 @@ impl CustomOp1 for GeluErf {
     }
 }
 
+/// Runs `f` on the contiguous f32 elements of a CPU tensor (no copy when it is contiguous
+/// already, as the cached projection slices are).
+fn with_cpu_f32<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(st) = &*st else {
+        return Err(candle_core::Error::Msg(format!("{what} must be on the CPU")));
+    };
+    Ok(f(contiguous_f32(st, l, what)?))
+}
+
 /// `x (m, k) · w (k, n)` of two f32 CPU tensors into a fresh row-major buffer, on all threads
 /// (one GEMM straight from the tensors' storage: no intermediate tensor, no copy out of it).
 fn gemm_to_vec(x: &Tensor, w: &Tensor) -> Result<Vec<f32>> {
@@ -293,19 +297,17 @@ fn gemm_to_vec(x: &Tensor, w: &Tensor) -> Result<Vec<f32>> {
     if k != k2 {
         return Err(crate::error::Error::Model(format!("gemm: ({m}, {k}) · ({k2}, {n})")));
     }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let (xs, xl) = x.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
-        return Err(crate::error::Error::Model("gemm: operands must be on the CPU".into()));
-    };
-    let (xv, wv) = (contiguous_f32(xs, xl, "lhs")?, contiguous_f32(ws, wl, "rhs")?);
-    if xv.len() != m * k || wv.len() != k * n {
-        return Err(crate::error::Error::Model("gemm: operand sizes".into()));
-    }
-    let mut out = vec![0f32; m * n];
-    // SAFETY: sizes checked; all three buffers are contiguous row-major.
-    unsafe { gemm_f32(m, n, k, out.as_mut_ptr(), (n, 1), false, xv.as_ptr(), (k, 1), wv.as_ptr(), (n, 1), true) };
+    let out = with_cpu_f32(x, "gemm: lhs", |xv| {
+        with_cpu_f32(w, "gemm: rhs", |wv| {
+            if xv.len() != m * k || wv.len() != k * n {
+                return Err(crate::error::Error::Model("gemm: operand sizes".into()));
+            }
+            let mut out = vec![0f32; m * n];
+            // SAFETY: sizes checked; all three buffers are contiguous row-major.
+            unsafe { gemm_f32(m, n, k, out.as_mut_ptr(), (n, 1), false, xv.as_ptr(), (k, 1), wv.as_ptr(), (n, 1), true) };
+            Ok(out)
+        })
+    })???;
     Ok(out)
 }
 
@@ -405,8 +407,8 @@ pub fn sampled_delta(
     let over = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let saved = std::sync::Arc::new(std::sync::Mutex::new(None));
     let op = SampledAdapter {
-        a_t: a_t.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-        b_t: b_t.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+        a_t: a_t.contiguous()?,
+        b_t: b_t.contiguous()?,
         eps,
         r,
         inf,
@@ -430,8 +432,9 @@ struct SampledSaved {
 }
 
 struct SampledAdapter {
-    a_t: Vec<f32>,
-    b_t: Vec<f32>,
+    /// The frozen projection slices, `(in, 2R)` and `(R, out)`, contiguous (shared, not copied).
+    a_t: Tensor,
+    b_t: Tensor,
     eps: Vec<f32>,
     r: usize,
     inf: usize,
@@ -459,8 +462,37 @@ impl candle_core::CustomOp3 for SampledAdapter {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, ld, lb) = (contiguous_f32(s1, l1, "sampled adapter: x")?, contiguous_f32(s2, l2, "sampled adapter: λ_d")?, contiguous_f32(s3, l3, "sampled adapter: λ_b")?);
+        self.with_projections(|a_t, b_t| self.forward(x, ld, lb, a_t, b_t))?
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        ld: &Tensor,
+        lb: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.with_projections(|a_t, b_t| self.backward(x, ld, lb, grad, a_t, b_t))?
+    }
+}
+
+impl SampledAdapter {
+    /// Runs `f` on the contiguous elements of A_t and B_t, checked against the op's sizes.
+    fn with_projections<R>(&self, f: impl FnOnce(&[f32], &[f32]) -> R) -> candle_core::Result<R> {
+        with_cpu_f32(&self.a_t, "sampled adapter: A", |a_t| {
+            with_cpu_f32(&self.b_t, "sampled adapter: B", |b_t| {
+                if a_t.len() != self.inf * 2 * self.r || b_t.len() != self.r * self.out {
+                    return Err(candle_core::Error::Msg("sampled adapter: projection sizes".into()));
+                }
+                Ok(f(a_t, b_t))
+            })?
+        })?
+    }
+
+    fn forward(&self, x: &[f32], ld: &[f32], lb: &[f32], a_t: &[f32], b_t: &[f32]) -> candle_core::Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let (x, ld, lb) = (contiguous_f32(s1, l1, "x")?, contiguous_f32(s2, l2, "λ_d")?, contiguous_f32(s3, l3, "λ_b")?);
         let (r, inf, out) = (self.r, self.inf, self.out);
         let n = x.len() / inf.max(1);
         if x.len() != n * inf || ld.len() != 2 * r || lb.len() != out || self.eps.len() != n * r {
@@ -472,7 +504,7 @@ impl candle_core::CustomOp3 for SampledAdapter {
                 let mut h = vec![0f32; n * 2 * r];
                 // SAFETY: sizes checked above; A_t is (inf, 2R) contiguous.
                 unsafe {
-                    gemm_f32(n, 2 * r, inf, h.as_mut_ptr(), (2 * r, 1), false, x.as_ptr(), (inf, 1), self.a_t.as_ptr(), (2 * r, 1), true)
+                    gemm_f32(n, 2 * r, inf, h.as_mut_ptr(), (2 * r, 1), false, x.as_ptr(), (inf, 1), a_t.as_ptr(), (2 * r, 1), true)
                 };
                 std::sync::Arc::new(h)
             }
@@ -486,7 +518,7 @@ impl candle_core::CustomOp3 for SampledAdapter {
             .sum();
         let mut u = vec![0f32; n * out];
         // SAFETY: z is (n, R), B_t (R, out), u (n, out), all contiguous.
-        unsafe { gemm_f32(n, out, r, u.as_mut_ptr(), (out, 1), false, z.as_ptr(), (r, 1), self.b_t.as_ptr(), (out, 1), true) };
+        unsafe { gemm_f32(n, out, r, u.as_mut_ptr(), (out, 1), false, z.as_ptr(), (r, 1), b_t.as_ptr(), (out, 1), true) };
         let mut y = u.clone();
         y.par_chunks_mut(out.max(1) * 64).for_each(|c| {
             for row in c.chunks_mut(out.max(1)) {
@@ -501,13 +533,14 @@ impl candle_core::CustomOp3 for SampledAdapter {
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         ld: &Tensor,
         lb: &Tensor,
-        _res: &Tensor,
         grad: &Tensor,
+        a_t: &[f32],
+        b_t: &[f32],
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         use rayon::prelude::*;
         let guard = self.saved.lock().map_err(|_| candle_core::Error::Msg("sampled adapter: poisoned state".into()))?;
@@ -545,7 +578,7 @@ impl candle_core::CustomOp3 for SampledAdapter {
         // gz = gl · B_tᵀ: rhs(o, j) = B_t[j, o].
         let mut gz = vec![0f32; n * r];
         // SAFETY: gl (n, out), B_t (R, out), gz (n, R), all contiguous.
-        unsafe { gemm_f32(n, r, out, gz.as_mut_ptr(), (r, 1), false, gl.as_ptr(), (out, 1), self.b_t.as_ptr(), (1, out), true) };
+        unsafe { gemm_f32(n, r, out, gz.as_mut_ptr(), (r, 1), false, gl.as_ptr(), (out, 1), b_t.as_ptr(), (1, out), true) };
         // dh and dλ_d in one pass.
         let mut dh = vec![0f32; n * 2 * r];
         let rows = (8192 / (2 * r).max(1)).max(1);
@@ -565,7 +598,7 @@ impl candle_core::CustomOp3 for SampledAdapter {
         // dx = dh · A_tᵀ: rhs(c, k) = A_t[k, c].
         let mut dx = vec![0f32; n * inf];
         // SAFETY: dh (n, 2R), A_t (inf, 2R), dx (n, inf), all contiguous.
-        unsafe { gemm_f32(n, inf, 2 * r, dx.as_mut_ptr(), (inf, 1), false, dh.as_ptr(), (2 * r, 1), self.a_t.as_ptr(), (1, 2 * r), true) };
+        unsafe { gemm_f32(n, inf, 2 * r, dx.as_mut_ptr(), (inf, 1), false, dh.as_ptr(), (2 * r, 1), a_t.as_ptr(), (1, 2 * r), true) };
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -720,7 +753,7 @@ fn cpu_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
 /// A contiguous CPU storage's f32 elements.
 fn contiguous_f32<'a>(st: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let Some((o1, o2)) = l.contiguous_offsets() else {
-        return Err(candle_core::Error::Msg(format!("attention: {what} must be contiguous")));
+        return Err(candle_core::Error::Msg(format!("{what} must be contiguous")));
     };
     Ok(&st.as_slice::<f32>()?[o1..o2])
 }
@@ -740,7 +773,7 @@ impl candle_core::CustomOp3 for Attention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let (q, k, v) = (contiguous_f32(s1, l1, "q")?, contiguous_f32(s2, l2, "k")?, contiguous_f32(s3, l3, "v")?);
+        let (q, k, v) = (contiguous_f32(s1, l1, "attention: q")?, contiguous_f32(s2, l2, "attention: k")?, contiguous_f32(s3, l3, "attention: v")?);
         for t in [q, k, v] {
             self.check(t.len())?;
         }
@@ -887,11 +920,7 @@ impl CustomOp1 for LayerNormOp {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let src = storage.as_slice::<f32>()?;
-        let Some((o1, o2)) = layout.contiguous_offsets() else {
-            return Err(candle_core::Error::Msg("layer norm: input must be contiguous".into()));
-        };
-        let src = &src[o1..o2];
+        let src = contiguous_f32(storage, layout, "layer norm: input")?;
         let d = self.w.len();
         let mut dst = vec![0f32; src.len()];
         let k = rows_per_task(d) * d;

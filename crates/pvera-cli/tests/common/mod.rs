@@ -37,3 +37,36 @@ pub fn spam_jsonl(dir: &Path) -> PathBuf {
     std::fs::write(&p, text).unwrap();
     p
 }
+
+/// A scratch directory with the spam set, plus the tiny BERT fixture and its tokenizer.
+pub struct TinyBert {
+    pub tmp: tempfile::TempDir,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub model: PathBuf,
+    pub tok: PathBuf,
+}
+
+pub fn tiny_bert() -> TinyBert {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = spam_jsonl(tmp.path());
+    let out = tmp.path().join("out");
+    TinyBert {
+        tmp,
+        data,
+        out,
+        model: fixtures().join("models/bert_tiny/model"),
+        tok: fixtures().join("data/tokenizer.json"),
+    }
+}
+
+/// `pvera train`: a text classifier (r 8 on query,value) on the tiny BERT and the spam set, into
+/// `t.out`; `extra` adds the run's own flags.
+pub fn train_tiny_bert(t: &TinyBert, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train", "--model", s(&t.model), "--tokenizer", s(&t.tok), "--data", s(&t.data), "--task",
+        "text-classification", "--output", s(&t.out), "--r", "8", "--target-modules", "query,value",
+    ];
+    args.extend_from_slice(extra);
+    pvera(&args)
+}
