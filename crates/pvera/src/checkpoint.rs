@@ -294,3 +294,55 @@ pub fn write_adapter_dir(
     }
     Ok(())
 }
+
+/// Module names of the classification heads transformers' task classes train (`classifier`:
+/// BERT / ViT / DINOv2; `score`: LLaMA / GPT-2 sequence classification), which PEFT adds to
+/// `modules_to_save` for `task_type="SEQ_CLS"`.
+pub const HEAD_MODULES: &[&str] = &["classifier", "score"];
+
+/// A classification head's trained weights, as an adapter file carries them.
+#[derive(Clone, Debug)]
+pub struct HeadTensors {
+    /// The module name (`classifier` or `score`).
+    pub module: String,
+    /// `(num_labels, pooled width)`.
+    pub weight: Tensor,
+    /// `(num_labels,)`, when the head has a bias.
+    pub bias: Option<Tensor>,
+}
+
+/// The key forms a `modules_to_save` parameter may take in a file: PEFT's saved form
+/// (`<path>.<param>`) and the in-memory wrapper's (`<path>.modules_to_save.default.<param>`).
+fn head_keys(module: &str, param: &str) -> [String; 2] {
+    [module_param_key(module, param), format!("{MODEL_PREFIX}{module}.modules_to_save.{DEFAULT_ADAPTER}.{param}")]
+}
+
+/// Takes the classification head out of an adapter's files: the `classifier` (or `score`)
+/// weight and bias that `modules_to_save` lists leave `files.tensors` and the module leaves
+/// `modules_to_save`, so the rest
+/// loads on the bare backbone while the caller applies the head itself. `None` when the file
+/// carries no head (the config may still list one: a head PEFT was told to save but never did
+/// is the caller's error to report).
+pub fn take_classifier_head(files: &mut AdapterFiles) -> Option<HeadTensors> {
+    let listed: Vec<String> = files.config.modules_to_save.clone().unwrap_or_default();
+    for module in HEAD_MODULES {
+        // PEFT loads a module's weights only when modules_to_save lists it (otherwise the file's
+        // tensors are unexpected keys and the model keeps its own head).
+        if !listed.iter().any(|m| m == module) {
+            continue;
+        }
+        let Some(wkey) = head_keys(module, "weight").into_iter().find(|k| files.tensors.contains_key(k)) else {
+            continue;
+        };
+        let weight = files.tensors.remove(&wkey)?.tensor;
+        let bias = head_keys(module, "bias").into_iter().find_map(|k| files.tensors.remove(&k)).map(|t| t.tensor);
+        if let Some(list) = files.config.modules_to_save.as_mut() {
+            list.retain(|m| !HEAD_MODULES.contains(&m.as_str()));
+            if list.is_empty() {
+                files.config.modules_to_save = None;
+            }
+        }
+        return Some(HeadTensors { module: module.to_string(), weight, bias });
+    }
+    None
+}

@@ -111,6 +111,13 @@ pub enum Error {
     /// unknown label, bad split request, ...). The message names the file, the record and the fix.
     #[error("{0}")]
     Data(String),
+
+    /// A request that does not fit the model, the adapter or itself: label names that do not
+    /// match the trained head, a pooling the model cannot do, a text longer than the model's
+    /// positions, an unknown adapter name in a prediction request, ... The message names the
+    /// value, what was expected and the fix. (CLI exit 2; a server answers 4xx.)
+    #[error("{0}")]
+    Request(String),
 }
 
 impl Error {

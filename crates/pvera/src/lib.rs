@@ -18,6 +18,8 @@
 //! - [`models`]: model families built through the builder, task heads.
 //! - [`train`]: AdamW, schedules and the training loop.
 //! - [`uncertainty`]: Monte Carlo prediction, intervals, calibration, OOD scores.
+//! - [`predictor`]: [`Predictor`], model + classifier adapters + task metadata -> predictions
+//!   with uncertainty (the path every front end shares).
 #![warn(missing_docs)]
 
 pub mod checkpoint;
@@ -30,6 +32,7 @@ pub mod models;
 pub mod ops;
 mod simd;
 pub mod peft_model;
+pub mod predictor;
 pub mod projection;
 pub mod rng;
 pub mod state;
@@ -42,6 +45,7 @@ pub use error::{Error, Result};
 pub use inject::{Builder, ModelInfo, Registry};
 pub use layer::{Linear, LinearKind};
 pub use peft_model::PeftModel;
+pub use predictor::Predictor;
 pub use projection::Projections;
 pub use rng::{TorchGenerator, TorchKernel};
 pub use state::{Mode, NoisePolicy, RunState, Sampling};

@@ -32,6 +32,41 @@ pub enum Pooling {
 }
 
 impl Pooling {
+    /// Every pooling, in the order the names are listed in messages.
+    pub const ALL: [Pooling; 4] = [Pooling::Cls, Pooling::Pooler, Pooling::Mean, Pooling::ClsMeanPatch];
+
+    /// The pooling `pvera train` uses for a model type when none is given: mean for text
+    /// encoders (sentence-transformers' convention, all-MiniLM-L6-v2's), the `[CLS]` token for
+    /// ViT (as `ViTForImageClassification`), `concat(cls, mean(patches))` for DINOv2 (as
+    /// `Dinov2ForImageClassification`). The one table every command reads.
+    pub fn default_for(model_type: &str) -> Pooling {
+        match model_type {
+            "vit" => Pooling::Cls,
+            "dinov2" => Pooling::ClsMeanPatch,
+            _ => Pooling::Mean,
+        }
+    }
+
+    /// The name [`Pooling::from_name`] parses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Cls => "cls",
+            Pooling::Pooler => "pooler",
+            Pooling::Mean => "mean",
+            Pooling::ClsMeanPatch => "cls-mean-patch",
+        }
+    }
+
+    /// Whether a model of `model_type` can pool this way (the encoders and vision models have a
+    /// pooler, decoders do not; `cls-mean-patch` needs patch tokens, i.e. a vision model).
+    pub fn fits(self, model_type: &str) -> bool {
+        match self {
+            Pooling::Pooler => matches!(model_type, "bert" | "roberta" | "vit" | "dinov2"),
+            Pooling::ClsMeanPatch => matches!(model_type, "vit" | "dinov2"),
+            Pooling::Cls | Pooling::Mean => true,
+        }
+    }
+
     /// Parses `cls`, `pooler`, `mean`, `cls-mean-patch`.
     pub fn from_name(s: &str) -> Option<Self> {
         Some(match s {

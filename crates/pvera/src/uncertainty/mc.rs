@@ -289,3 +289,24 @@ where
     }
     Ok(McOutput { samples: cfg.samples, inputs: b, classes, probs, mean_mode: mean_mode.map(|m| m.0), forwards })
 }
+
+/// The mean-mode prediction alone (no sampling anywhere): class probabilities of each input,
+/// `(inputs, classes)` row-major in f64. The model's mode, sampling override and grad mode are
+/// restored afterwards, as [`mc_predict`] does. Works on merged adapters too (the mean path is
+/// what a merged layer computes).
+pub fn mean_predict<M, I, F>(model: &PeftModel<M>, input: &I, forward: F) -> Result<(Vec<f64>, usize)>
+where
+    I: McInput,
+    F: Fn(&I) -> Result<Tensor>,
+{
+    let state = model.state();
+    let _restore = Restore { state, mode: state.mode(), sampling: state.sampling(), grad: state.grad_enabled() };
+    state.set_mode(Mode::Eval)?;
+    state.set_grad_enabled(false)?;
+    state.set_sampling(Sampling::Never)?;
+    let b = input.rows()?;
+    if b == 0 {
+        return Err(Error::Model("mean-mode prediction of an empty batch".into()));
+    }
+    softmax_rows(&forward(input)?, b)
+}

@@ -7,6 +7,10 @@
 //!   of PEFT's example, predictive / expected entropy, mutual information, variances.
 //! - [`calibration`]: accuracy, NLL, Brier, ECE / MCE, reliability diagram (SVG).
 //! - [`ood`]: MSP / entropy / mutual-information scores and AUROC against a second set.
+//! - [`prediction`]: [`Prediction`], one classified input (mean mode + Monte Carlo statistics)
+//!   and its JSON record.
+//! - [`evaluation`]: a labelled evaluation (both modes' calibration, misclassification and OOD
+//!   AUROCs, interval widths), the figures of `pvera eval`.
 //!
 //! Which layers sample is chosen per run ([`McConfig::sampling`]: every adapted layer, or those
 //! whose `sample_at_inference` is on), per adapter and per layer at run time
@@ -15,12 +19,16 @@
 //! 0.21.2 only tests the dict for truthiness, spec §9.1).
 
 pub mod calibration;
+pub mod evaluation;
 pub mod mc;
 pub mod ood;
+pub mod prediction;
 pub mod stats;
 
 pub use calibration::{calibration, reliability_svg, Calibration, ReliabilityBin};
-pub use mc::{mc_predict, McConfig, McInput, McMode, McOutput};
+pub use evaluation::{evaluate, ood_auroc, Evaluation, McExtra, ModeScores};
+pub use mc::{mc_predict, mean_predict, McConfig, McInput, McMode, McOutput};
+pub use prediction::Prediction;
 pub use ood::{auroc, OodScores};
 pub use stats::{input_stats, mean_confidence_interval, t_quantile, InputStats};
 

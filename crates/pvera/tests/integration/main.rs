@@ -12,5 +12,6 @@ mod models_bert;
 mod models_decoders;
 mod models_vision;
 mod peft_parity;
+mod predictor;
 mod train;
 mod uncertainty;

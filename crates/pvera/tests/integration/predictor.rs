@@ -1,0 +1,144 @@
+//! The library predictor (`pvera::Predictor`): task metadata resolution and heads, checked
+//! against PEFT's own task model (fixtures of `tools/make_model_fixtures_bert.py`).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use pvera::checkpoint::read_safetensors;
+use pvera::models::heads::Pooling;
+use pvera::models::ModelInputs;
+use pvera::predictor::meta::{Source, TaskMeta, TaskKind};
+use pvera::predictor::{PredictConfig, PredictorOptions, TaskOverrides};
+use pvera::Predictor;
+
+use crate::common::fixtures;
+
+fn io(case: &str) -> std::collections::BTreeMap<String, Tensor> {
+    let (t, _) = read_safetensors(&fixtures().join(format!("models/{case}/io.safetensors")), &Device::Cpu).unwrap();
+    t.into_iter().map(|(k, v)| (k, v.tensor)).collect()
+}
+
+fn softmax_rows(logits: &Tensor) -> Vec<Vec<f64>> {
+    let v: Vec<Vec<f32>> = logits.to_dtype(DType::F32).unwrap().to_vec2().unwrap();
+    v.into_iter()
+        .map(|row| {
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let e: Vec<f64> = row.iter().map(|&x| (x as f64 - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            e.into_iter().map(|x| x / z).collect()
+        })
+        .collect()
+}
+
+/// A copy of a fixture model directory without tokenizer requirements: the predictor needs a
+/// tokenizer.json for text models, so one from the data fixtures is placed beside it.
+fn model_with_tokenizer(case: &str, tmp: &Path) -> std::path::PathBuf {
+    let src = fixtures().join(format!("models/{case}/model"));
+    let dst = tmp.join("model");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    std::fs::copy(fixtures().join("data/tokenizer.json"), dst.join("tokenizer.json")).unwrap();
+    dst
+}
+
+/// Issue 16 row 2: a PEFT adapter trained on `BertForSequenceClassification` (`task_type:
+/// SEQ_CLS`) is predicted with the pooler, as PEFT's task model does, without any flag; the
+/// probabilities equal PEFT's.
+#[test]
+fn peft_seq_cls_adapters_pool_like_their_task_class_and_match_peft() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_with_tokenizer("bert_seq_cls", tmp.path());
+    let adapter = fixtures().join("models/bert_seq_cls/adapter");
+    let mut p =
+        Predictor::open_with_adapter(&model, &adapter, &PredictorOptions::default(), &TaskOverrides::default()).unwrap();
+    let task = p.adapter("default").unwrap().task.clone();
+    assert_eq!(task.pooling, Pooling::Pooler);
+    assert_eq!(task.pooling_source, Source::AdapterConfig);
+    assert_eq!(p.adapter("default").unwrap().head.origin, "adapter");
+    let t = io("bert_seq_cls");
+    let inputs = ModelInputs {
+        input_ids: Some(t["input_ids"].clone()),
+        attention_mask: Some(t["attention_mask"].clone()),
+        token_type_ids: Some(t["token_type_ids"].clone()),
+        pixel_values: None,
+    };
+    let want = softmax_rows(&t["task_eval.logits"]);
+    let got = p.predict("default", &inputs, &PredictConfig { samples: 1, ..PredictConfig::default() }).unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!(g.mc.is_none());
+        for (a, b) in g.mean_mode.iter().zip(w) {
+            assert!((a - b).abs() < 1e-5, "{:?} vs PEFT {:?}", g.mean_mode, w);
+        }
+    }
+    // The pre-fix behaviour (mean pooling) would be far off: the choice matters on this fixture.
+    let mut mean = Predictor::open_with_adapter(
+        &model,
+        &adapter,
+        &PredictorOptions::default(),
+        &TaskOverrides { pooling: Some(Pooling::Mean), ..TaskOverrides::default() },
+    )
+    .unwrap();
+    let m = mean.predict("default", &inputs, &PredictConfig { samples: 1, ..PredictConfig::default() }).unwrap();
+    let far = m.iter().zip(&want).any(|(g, w)| g.mean_mode.iter().zip(w).any(|(a, b)| (a - b).abs() > 1e-2));
+    assert!(far, "mean pooling should not reproduce PEFT's task model here");
+}
+
+/// Task metadata beside the adapter wins over guesses; nothing known is a warning that names the
+/// assumption; a pooling the model cannot do and labels that do not fit the head are refused.
+#[test]
+fn task_metadata_is_read_from_the_adapter_folder_and_gaps_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_with_tokenizer("bert_seq_cls", tmp.path());
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixtures().join("models/bert_seq_cls/adapter").join(f), adapter.join(f)).unwrap();
+    }
+    let meta = TaskMeta {
+        task: TaskKind::TextClassification,
+        model_type: "bert".into(),
+        labels: vec!["a".into(), "b".into(), "c".into()],
+        pooling: Some("cls".into()),
+        max_length: Some(7),
+    };
+    meta.write(&adapter).unwrap();
+    assert_eq!(TaskMeta::read(&adapter).unwrap().unwrap(), meta);
+    let mut p =
+        Predictor::open_with_adapter(&model, &adapter, &PredictorOptions::default(), &TaskOverrides::default()).unwrap();
+    let t = &p.adapter("default").unwrap().task;
+    assert_eq!((t.pooling, t.pooling_source.clone()), (Pooling::Cls, Source::AdapterDir));
+    assert_eq!(t.labels, vec!["a", "b", "c"]);
+    assert_eq!(p.max_length("default").unwrap(), 7);
+    assert!(p.take_warnings().is_empty());
+
+    // Without the files: PEFT's config still says SEQ_CLS (pooler), and the max length is named
+    // as assumed.
+    std::fs::remove_file(adapter.join("pvera_task.json")).unwrap();
+    std::fs::remove_file(adapter.join("labels.json")).unwrap();
+    let mut p =
+        Predictor::open_with_adapter(&model, &adapter, &PredictorOptions::default(), &TaskOverrides::default()).unwrap();
+    let w = p.take_warnings().join("\n");
+    assert!(w.contains("maximum text length"), "{w}");
+
+    // A pooling that does not fit, labels that do not fit: typed request errors.
+    let e = Predictor::open_with_adapter(
+        &model,
+        &adapter,
+        &PredictorOptions::default(),
+        &TaskOverrides { pooling: Some(Pooling::ClsMeanPatch), ..TaskOverrides::default() },
+    )
+    .unwrap_err();
+    assert!(matches!(e, pvera::Error::Request(ref m) if m.contains("cls-mean-patch") && m.contains("patch")), "{e}");
+    let e = Predictor::open_with_adapter(
+        &model,
+        &adapter,
+        &PredictorOptions::default(),
+        &TaskOverrides { labels: Some(vec!["x".into(), "y".into()]), ..TaskOverrides::default() },
+    )
+    .unwrap_err();
+    assert!(matches!(e, pvera::Error::Request(ref m) if m.contains("3 outputs")), "{e}");
+}
