@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use pvera::config::TargetModules;
 use pvera::models::heads::{Classifier, Pooling};
 use pvera::models::loader::ModelDir;
@@ -57,7 +57,8 @@ pub struct BenchArgs {
     /// Target modules of the training (and fresh) adapter.
     #[arg(long, default_value = "query,value")]
     pub target_modules: String,
-    /// Pooling before the classifier head (default: mean for text, cls-mean-patch for images).
+    /// Pooling before the classifier head (default: the model type's, as `pvera train`: mean for text,
+    /// cls for ViT, cls-mean-patch for DINOv2).
     #[arg(long)]
     pub pooling: Option<String>,
     /// Classifier outputs.
@@ -193,7 +194,7 @@ fn first_example(mi: &ModelInputs) -> Result<ModelInputs> {
 fn pooling(args: &BenchArgs, dir: &ModelDir) -> Result<Pooling> {
     match &args.pooling {
         Some(p) => Pooling::from_name(p).with_context(|| format!("--pooling {p:?}: expected cls, pooler, mean or cls-mean-patch")),
-        None => Ok(if is_image(dir) { Pooling::ClsMeanPatch } else { Pooling::Mean }),
+        None => Ok(Pooling::default_for(&dir.model_type)),
     }
 }
 
@@ -283,12 +284,24 @@ fn gemm_ms(size: usize, warmup: usize, reps: usize, device: &Device) -> Result<V
 }
 
 pub fn run(args: BenchArgs) -> Result<u8> {
-    if let Some(t) = args.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
+    // Before any tensor exists: candle reads it for every parallel kernel.
+    crate::common::set_threads(args.threads)?;
+    if args.reps == 0 {
+        crate::usage!("--reps 0: time at least one repetition (3 is usual)");
+    }
+    if args.mc_samples == 0 {
+        crate::usage!("--mc-samples 0: Monte Carlo needs at least 1 sample (16 is usual)");
+    }
+    if let Some(p) = &args.pooling {
+        if Pooling::from_name(p).is_none() {
+            crate::usage!("--pooling {p:?}: expected cls, pooler, mean or cls-mean-patch");
         }
-        // Before any tensor exists: candle reads it for every parallel kernel.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    }
+    let what: Vec<String> = args.what.split(',').map(|s| s.trim().to_string()).collect();
+    for w in &what {
+        if !["eval", "merged", "train", "mc", "gemm"].contains(&w.as_str()) {
+            crate::usage!("--what {w:?}: expected eval, merged, train, mc or gemm (comma-separated)");
+        }
     }
     let device = Device::Cpu;
     let dir = ModelDir::open(&args.model)?;
@@ -297,18 +310,11 @@ pub fn run(args: BenchArgs) -> Result<u8> {
     if args.cold {
         let pm = load_inference(&args, &dir, &device)?;
         let one = first_example(&mi)?;
-        let logits = pm.model().forward(&one)?;
-        let p = candle_nn_softmax(&logits)?;
-        println!("cold prediction: {:?}", p.flatten_all()?.to_vec1::<f32>()?);
+        let (p, _) = pvera::uncertainty::mean_predict(&pm, &one, |x| pm.model().forward(x))?;
+        crate::say!("cold prediction: {:?}", p.iter().map(|&v| v as f32).collect::<Vec<_>>());
         return Ok(0);
     }
 
-    let what: Vec<String> = args.what.split(',').map(|s| s.trim().to_string()).collect();
-    for w in &what {
-        if !["eval", "merged", "train", "mc", "gemm"].contains(&w.as_str()) {
-            bail!("--what {w:?}: expected eval, merged, train, mc or gemm");
-        }
-    }
     let want = |w: &str| what.iter().any(|x| x == w);
     let batch = match (&mi.input_ids, &mi.pixel_values) {
         (Some(t), _) | (None, Some(t)) => t.dims()[0],
@@ -400,20 +406,20 @@ pub fn run(args: BenchArgs) -> Result<u8> {
         results.insert("gemm".into(), serde_json::json!(ms));
     }
 
-    println!(
+    crate::say!(
         "pvera bench: {} ({}), batch {batch}, threads {}",
         args.model.display(),
         dir.model_type,
         candle_core::utils::get_num_threads()
     );
-    println!("{:<36} {:>12} {:>10} {:>8}", "measurement", "median ms", "GFLOP/s", "% peak");
+    crate::say!("{:<36} {:>12} {:>10} {:>8}", "measurement", "median ms", "GFLOP/s", "% peak");
     for (name, m, gf) in &table {
         let gf_s = gf.map(|g| format!("{g:.1}")).unwrap_or_else(|| "-".into());
         let pk = match (gf, gemm_gflops) {
             (Some(g), Some(p)) => format!("{:.0}%", 100.0 * g / p),
             _ => "-".into(),
         };
-        println!("{name:<36} {m:>12.1} {gf_s:>10} {pk:>8}");
+        crate::say!("{name:<36} {m:>12.1} {gf_s:>10} {pk:>8}");
     }
     if let Some(p) = &args.json {
         let mut root = serde_json::Map::new();
@@ -428,10 +434,4 @@ pub fn run(args: BenchArgs) -> Result<u8> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(0)
-}
-
-fn candle_nn_softmax(logits: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?;
-    let e = logits.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }

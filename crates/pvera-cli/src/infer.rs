@@ -11,6 +11,8 @@ use pvera::models::loader::ModelDir;
 use pvera::models::{AnyModel, ModelInputs};
 use pvera::{PeftModel, RunState, Sampling};
 
+use crate::common::{check_output, Reuse};
+
 /// Arguments of `pvera infer`.
 #[derive(clap::Args, Debug)]
 pub struct InferArgs {
@@ -61,6 +63,10 @@ pub struct MergeArgs {
     /// Refuse to write weights with NaN/Inf (checks before anything is written).
     #[arg(long, default_value_t = true)]
     pub safe: bool,
+    /// Replace the files of an earlier merge in a non-empty --output folder (never the model's or
+    /// the adapter's own folder).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 pub fn parse_dtype(s: Option<&str>) -> Result<Option<DType>> {
@@ -140,9 +146,12 @@ macro_rules! input_err {
 
 const INPUT_NAMES: &[&str] = &["input_ids", "attention_mask", "token_type_ids", "pixel_values"];
 
-/// Reads and checks an inputs file.
+/// Reads and checks an inputs file; every problem with it is an [`InputError`] (exit 7).
 pub fn read_inputs(path: &Path, device: &Device) -> Result<ModelInputs> {
-    let (tensors, _) = checkpoint::read_safetensors(path, device)?;
+    let (tensors, _) = match checkpoint::read_safetensors(path, device) {
+        Ok(t) => t,
+        Err(e) => input_err!("--inputs: {e}"),
+    };
     let file = path.display();
     let unknown: Vec<&String> = tensors.keys().filter(|k| !INPUT_NAMES.contains(&k.as_str())).collect();
     if !unknown.is_empty() {
@@ -192,15 +201,32 @@ pub fn read_inputs(path: &Path, device: &Device) -> Result<ModelInputs> {
     Ok(inputs)
 }
 
+/// Token ids must index the model's vocabulary.
+fn check_token_ids(inputs: &ModelInputs, path: &Path, dir: &ModelDir) -> Result<()> {
+    if let Some(ids) = &inputs.input_ids {
+        let v: Vec<i64> = ids.flatten_all()?.to_vec1()?;
+        let vocab = dir.config.get("vocab_size").and_then(|x| x.as_i64());
+        if let Some(&bad) = v.iter().find(|&&x| x < 0 || vocab.is_some_and(|n| x >= n)) {
+            input_err!(
+                "{}: `input_ids` holds {bad}; token ids index the vocabulary: 0..{} (vocab_size in the model's config.json)",
+                path.display(),
+                vocab.map_or("?".to_string(), |n| n.to_string())
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run_infer(args: InferArgs) -> Result<u8> {
     let device = Device::Cpu;
     let dtype = parse_dtype(args.dtype.as_deref())?;
-    let (mut pm, _) = load_peft(&args.model, &args.adapters, dtype, &device, false)?;
+    let (mut pm, dir) = load_peft(&args.model, &args.adapters, dtype, &device, false)?;
     if let Some(active) = &args.active {
         let names: Vec<&str> = active.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
         pm.set_adapter(&names)?;
     }
     let inputs = read_inputs(&args.inputs, &device)?;
+    check_token_ids(&inputs, &args.inputs, &dir)?;
     pm.eval()?;
     pm.state().set_grad_enabled(false)?;
     pm.state().manual_seed(args.seed)?;
@@ -213,7 +239,11 @@ pub fn run_infer(args: InferArgs) -> Result<u8> {
         }
         pm.merge_adapter(None, true)?;
     }
-    let out = pm.model().forward(&inputs)?;
+    // The model and adapters loaded; a failing forward is the inputs' fault (names, shapes, sizes).
+    let out = match pm.model().forward(&inputs) {
+        Ok(o) => o,
+        Err(e) => input_err!("{}: the model cannot run on these inputs: {e}", args.inputs.display()),
+    };
     let mut tensors = BTreeMap::new();
     tensors.insert("last_hidden_state".to_string(), out.last_hidden_state);
     if let Some(l) = out.logits {
@@ -229,7 +259,16 @@ pub fn run_infer(args: InferArgs) -> Result<u8> {
 
 pub fn run_merge(args: MergeArgs) -> Result<u8> {
     let device = Device::Cpu;
+    let model = pvera::models::loader::resolve_model_dir(&args.model)?;
+    let out = check_output(
+        "--output",
+        &args.output,
+        &[("--model", &model), ("--adapter", &args.adapter)],
+        Reuse::EmptyOrOverwrite(args.overwrite),
+    )?;
     let (pm, dir) = load_peft(&args.model, &[args.adapter.display().to_string()], None, &device, false)?;
+    let info = pm.adapter(checkpoint::DEFAULT_ADAPTER)?;
+    let (adapted, saved) = (info.targets.len(), info.modules_to_save.len());
     let (_, registry) = pm.merge_and_unload(args.safe, None)?;
     // Start from every stored tensor, under its stored name, then replace the merged ones.
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -255,7 +294,8 @@ pub fn run_merge(args: MergeArgs) -> Result<u8> {
             replaced += 1;
         }
     }
-    std::fs::create_dir_all(&args.output).with_context(|| format!("creating {}", args.output.display()))?;
+    let _ = replaced;
+    out.create()?;
     let bytes = checkpoint::serialize_safetensors(&tensors, Some(checkpoint::pt_metadata()))?;
     checkpoint::write_atomic(&args.output.join("model.safetensors"), &bytes)?;
     // config.json and the tokenizer / preprocessing files travel unchanged.
@@ -272,10 +312,10 @@ pub fn run_merge(args: MergeArgs) -> Result<u8> {
             checkpoint::write_atomic(&args.output.join(&name), &bytes)?;
         }
     }
-    eprintln!(
-        "merged adapter {} into {} tensors of {}; wrote {}",
+    crate::warn_line!(
+        "merged adapter {} into {adapted} adapted layer(s){} of {}; wrote {}",
         args.adapter.display(),
-        replaced,
+        if saved > 0 { format!(" and {saved} trained module(s) (modules_to_save)") } else { String::new() },
         args.model.display(),
         args.output.display()
     );

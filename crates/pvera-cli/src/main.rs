@@ -18,8 +18,11 @@
 //! model, a split that leaves no examples, ...).
 
 mod bench;
+mod common;
+mod curves;
 mod infer;
 mod inspect;
+mod out;
 mod predict;
 mod train;
 
@@ -61,6 +64,10 @@ enum Command {
     Bench(Box<bench::BenchArgs>),
 }
 
+/// Exit code when stdout was closed by its reader before the output was written (what a Unix
+/// tool killed by SIGPIPE reports: 128 + 13).
+pub const EXIT_STDOUT_CLOSED: u8 = 141;
+
 /// Exit code for a library error (see the crate docs).
 pub fn exit_code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
@@ -70,8 +77,11 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<train::Diverged>().is_some() {
             return 8;
         }
-        if cause.downcast_ref::<train::UsageError>().is_some() {
+        if cause.downcast_ref::<common::UsageError>().is_some() {
             return 2;
+        }
+        if cause.downcast_ref::<out::StdoutClosed>().is_some() {
+            return EXIT_STDOUT_CLOSED;
         }
         if let Some(e) = cause.downcast_ref::<pvera::Error>() {
             return match e {
@@ -89,6 +99,7 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
                 pvera::Error::Io { .. } => 6,
                 pvera::Error::UnsupportedModel { .. } => 9,
                 pvera::Error::Data(_) => 10,
+                pvera::Error::Request(_) => 2,
                 _ => 1,
             };
         }
@@ -130,11 +141,70 @@ fn tune_allocator() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
 
+/// The error and its causes on one line, each said once: a cause whose text the line already
+/// holds (an I/O error that its wrapper quotes) is not repeated.
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if msg.is_empty() || line.contains(&msg) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&msg);
+    }
+    line
+}
+
+/// `--log`: a level (error, warn, info, debug, trace, off) or tracing directives with `=`
+/// (`pvera=debug,warn`); anything else is a typo, not a module name.
+fn log_filter(spec: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let ok = spec.split(',').all(|d| {
+        let d = d.trim();
+        LEVELS.contains(&d.to_ascii_lowercase().as_str()) || d.split_once('=').is_some_and(|(_, l)| LEVELS.contains(&l.to_ascii_lowercase().as_str()))
+    });
+    if !ok {
+        return Err(format!("--log {spec:?}: expected a level (error, warn, info, debug, trace, off) or directives such as pvera=debug,warn"));
+    }
+    tracing_subscriber::EnvFilter::try_new(spec).map_err(|e| format!("--log {spec:?}: {e}"))
+}
+
+/// A closed stdout ends a command as it ends a Unix tool: killed by SIGPIPE at the next write (a
+/// shell reports 141), with nothing half-done (every file is written atomically before the
+/// printing). Rust ignores SIGPIPE, which turns the write into an error and `println!` into a
+/// panic; this restores the default. `train` keeps ignoring it: a closed stdout must not stop
+/// training (it prints through `out::line`, which drops output once stdout is gone).
+#[cfg(unix)]
+fn die_on_sigpipe() {
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGPIPE: i32 = 13;
+    const SIG_DFL: usize = 0;
+    // SAFETY: resets one signal's disposition to the default before any other thread exists.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+#[cfg(not(unix))]
+fn die_on_sigpipe() {}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    if !matches!(cli.command, Command::Train(_)) {
+        die_on_sigpipe();
+    }
+    let filter = match log_filter(&cli.log) {
+        Ok(f) => f,
+        Err(msg) => {
+            out::eline(&format!("error: {msg}"));
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -154,8 +224,11 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(exit_code_for(&e))
+            let code = exit_code_for(&e);
+            if code != EXIT_STDOUT_CLOSED {
+                out::eline(&format!("error: {}", error_chain(&e)));
+            }
+            ExitCode::from(code)
         }
     }
 }

@@ -1,13 +1,16 @@
 //! `pvera train`: fine-tune a frozen model with a fresh PVeRA adapter on a local data set.
+//!
+//! This file checks flags and paths before any work, opens the data, hands model and data to the
+//! library's `Trainer`, renders its events, and evaluates the best adapter through the library's
+//! `Predictor` (the path `pvera eval` takes too). The task metadata it writes into every adapter
+//! folder (`pvera_task.json`, `labels.json`) and the run's `split.json` are the library's types.
 
-use std::cell::Cell;
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use pvera::config::{Bias, LayersToTransform, PveraConfig, TargetModules};
 use pvera::data::images::{ImageFolder, ImagePreprocess};
@@ -17,12 +20,16 @@ use pvera::data::{open_image_classification, Batch, Dataset};
 use pvera::models::heads::{Classifier, Pooling};
 use pvera::models::loader::ModelDir;
 use pvera::models::AnyModel;
-use pvera::train::tasks::{causal_lm_loss, ClassificationTask, CausalLmTask, SplitData};
-use pvera::train::{
-    load_adapter_weights, EpochMetrics, ScheduleKind, StepOutput, Task, TrainConfig, TrainEvent, TrainReport, Trainer,
-    Warmup,
-};
-use pvera::{PeftModel, RunState};
+use pvera::predictor::inputs::{batch_labels, check_image_files};
+use pvera::predictor::meta::{data_fingerprint, SplitRecord, TaskKind as MetaTask, TaskMeta};
+use pvera::predictor::{PredictConfig, PredictorOptions, TaskOverrides};
+use pvera::train::tasks::{causal_lm_loss, CausalLmTask, ClassificationTask, SplitData};
+use pvera::train::{EpochMetrics, ScheduleKind, Task, TrainConfig, TrainEvent, TrainReport, Trainer, Warmup};
+use pvera::{PeftModel, Predictor, RunState};
+
+use crate::common::{check_output, set_threads, OutputDir, Reuse, UsageError};
+use crate::curves::write_curves;
+use crate::{note, usage, warn_line};
 
 /// The fine-tuning task.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +40,16 @@ pub enum TaskKind {
     TextClassification,
     /// Plain text file, next-token prediction; LLaMA / GPT-2 `*ForCausalLM`.
     CausalLm,
+}
+
+impl TaskKind {
+    fn meta(self) -> MetaTask {
+        match self {
+            TaskKind::ImageClassification => MetaTask::ImageClassification,
+            TaskKind::TextClassification => MetaTask::TextClassification,
+            TaskKind::CausalLm => MetaTask::CausalLm,
+        }
+    }
 }
 
 /// Arguments of `pvera train`.
@@ -47,9 +64,13 @@ pub struct TrainArgs {
     /// What to train.
     #[arg(long, value_enum)]
     pub task: TaskKind,
-    /// Output directory: best/ and last/ adapters, metrics.json, metrics.csv, training_curve.svg.
+    /// Output directory (created; must be new or empty unless --overwrite): best/ and last/ adapters,
+    /// metrics.json, metrics.csv, training_curve.svg, split.json, pvera_task.json.
     #[arg(long)]
     pub output: PathBuf,
+    /// Replace the files of an earlier run in a non-empty --output folder.
+    #[arg(long)]
+    pub overwrite: bool,
     /// tokenizer.json (default: <model>/tokenizer.json).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -62,7 +83,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 256)]
     pub r: i64,
     /// Modules to adapt: a comma list of names (`query,value`), a regex (full match), or
-    /// `all-linear` (default: the model type's PEFT default).
+    /// `all-linear` (default: the model type's PEFT default; query,value for ViT / DINOv2).
     #[arg(long)]
     pub target_modules: Option<String>,
     /// Comma list of layer indices to adapt (default: all).
@@ -80,7 +101,8 @@ pub struct TrainArgs {
     /// Store A and B in the adapter file (true, PEFT's default) or regenerate them from the key.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub save_projection: bool,
-    /// Comma list of extra modules trained in full (default: `classifier` for classification tasks).
+    /// Comma list of extra modules trained in full, in addition to the `classifier` head of
+    /// classification tasks.
     #[arg(long)]
     pub modules_to_save: Option<String>,
     /// Biases to train: none, all or pvera_only.
@@ -137,7 +159,7 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
-    /// Continue from a `last/` checkpoint of an earlier run with the same settings.
+    /// Continue from the `last/` checkpoint of an earlier run with the same settings (OUT/last).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Weight dtype of the frozen base: f32, f16 or bf16 (default: as stored).
@@ -167,21 +189,6 @@ impl std::fmt::Display for Diverged {
 }
 impl std::error::Error for Diverged {}
 
-/// A wrong flag value or unusable data found after parsing (exit code 2).
-#[derive(Debug)]
-pub struct UsageError(pub String);
-
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-impl std::error::Error for UsageError {}
-
-macro_rules! usage {
-    ($($t:tt)*) => { return Err(anyhow::Error::new(UsageError(format!($($t)*)))) };
-}
-
 fn parse_list(s: &str) -> Vec<String> {
     s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect()
 }
@@ -198,6 +205,22 @@ pub fn parse_target_modules(s: &str) -> TargetModules {
         TargetModules::list(parse_list(t))
     } else {
         TargetModules::Regex(t.to_string())
+    }
+}
+
+/// A library config error about a value that came from a flag: exit 2, named by its flag.
+fn flag_error(e: pvera::Error) -> anyhow::Error {
+    match e {
+        pvera::Error::InvalidConfig { field, reason } => {
+            let flag = match field.as_str() {
+                "pvera_dropout" => "dropout".to_string(),
+                "betas" | "eps" | "min_delta" | "restore_best" => field.clone(),
+                f => f.replace('_', "-"),
+            };
+            anyhow::Error::new(UsageError(format!("--{flag}: {reason}")))
+        }
+        pvera::Error::Request(m) => anyhow::Error::new(UsageError(m)),
+        other => anyhow::Error::new(other),
     }
 }
 
@@ -218,44 +241,154 @@ fn adapter_config(args: &TrainArgs, classification: bool) -> Result<PveraConfig>
     cfg.pvera_dropout = args.dropout;
     cfg.projection_prng_key = args.projection_prng_key;
     cfg.save_projection = args.save_projection;
-    cfg.modules_to_save = match &args.modules_to_save {
-        Some(s) => {
-            let v = parse_list(s);
-            (!v.is_empty()).then_some(v)
+    // The classifier head of a classification task is always trained; --modules-to-save adds to it.
+    let mut modules: Vec<String> = if classification { vec!["classifier".to_string()] } else { Vec::new() };
+    for m in args.modules_to_save.as_deref().map(parse_list).unwrap_or_default() {
+        if !modules.contains(&m) {
+            modules.push(m);
         }
-        None if classification => Some(vec!["classifier".to_string()]),
-        None => None,
-    };
-    cfg.bias = Bias::parse(&args.bias)?;
+    }
+    cfg.modules_to_save = (!modules.is_empty()).then_some(modules);
+    cfg.bias = Bias::parse(&args.bias).map_err(flag_error)?;
     cfg.base_model_name_or_path = Some(args.model.display().to_string());
+    cfg.validate().map_err(flag_error)?;
     Ok(cfg)
 }
 
-/// Counts correct predictions of the training micro-batches for the progress bar.
-struct Tracked<T> {
-    inner: T,
-    correct: Cell<usize>,
-    examples: Cell<usize>,
-}
-
-impl<M, T: Task<M>> Task<M> for Tracked<T> {
-    type Batch = T::Batch;
-    fn step(&self, model: &PeftModel<M>, batch: &Self::Batch) -> pvera::Result<StepOutput> {
-        let out = self.inner.step(model, batch)?;
-        if let Some(c) = out.correct {
-            self.correct.set(self.correct.get() + c);
-            self.examples.set(self.examples.get() + out.examples);
-        }
-        Ok(out)
+fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
+    let schedule: ScheduleKind = match args.schedule.parse() {
+        Ok(s) => s,
+        Err(e) => usage!("--schedule {:?}: {e}", args.schedule),
+    };
+    if !(0.0..1.0).contains(&args.warmup_ratio) {
+        usage!("--warmup-ratio {}: must be in [0, 1)", args.warmup_ratio);
     }
+    if args.epochs == 0 {
+        usage!("--epochs 0: train for at least one epoch");
+    }
+    if args.batch_size == 0 {
+        usage!("--batch-size 0: a batch needs at least one example");
+    }
+    if !(args.lr > 0.0 && args.lr.is_finite()) {
+        usage!("--lr {}: the learning rate must be a finite number above 0 (e.g. 4e-3)", args.lr);
+    }
+    let cfg = TrainConfig {
+        epochs: args.epochs,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        schedule,
+        warmup: Warmup::Ratio(args.warmup_ratio),
+        max_grad_norm: args.max_grad_norm,
+        grad_accum: args.grad_accum,
+        kl_weight: args.kl_weight,
+        patience: args.patience,
+        seed: args.seed,
+        output_dir: args.output.clone(),
+        ..TrainConfig::default()
+    };
+    cfg.validate().map_err(flag_error)?;
+    Ok(cfg)
 }
 
-/// Describes example `i` of a data set for the prediction printout.
-type Describe = Box<dyn Fn(usize) -> String>;
+/// Every flag and path checked before the model is loaded.
+struct Checked {
+    dir: ModelDir,
+    dtype: Option<DType>,
+    tcfg: TrainConfig,
+    out: OutputDir,
+}
 
+fn check(args: &mut TrainArgs) -> Result<Checked> {
+    args.model = pvera::models::loader::resolve_model_dir(&args.model)?;
+    set_threads(args.threads)?;
+    let dtype = crate::infer::parse_dtype(args.dtype.as_deref())?;
+    let tcfg = train_config(args)?;
+    let dir = ModelDir::open(&args.model).with_context(|| format!("opening model {}", args.model.display()))?;
+    if !args.data.exists() {
+        return Err(crate::common::not_found(&args.data, "--data: no such file or directory"));
+    }
+    let mt = dir.model_type.as_str();
+    let classification = args.task != TaskKind::CausalLm;
+    match (args.task, mt) {
+        (TaskKind::TextClassification, "bert" | "roberta")
+        | (TaskKind::ImageClassification, "vit" | "dinov2")
+        | (TaskKind::CausalLm, "llama" | "gpt2") => {}
+        _ => usage!(
+            "--task {} does not fit model_type {mt:?}: text-classification needs a bert or roberta model, \
+             image-classification a vit or dinov2 model, causal-lm a llama or gpt2 model",
+            args.task.meta().name()
+        ),
+    }
+    if let Some(p) = &args.pooling {
+        if !classification {
+            usage!("--pooling applies to classification tasks only");
+        }
+        match Pooling::from_name(p) {
+            Some(x) if !x.fits(mt) => usage!(
+                "--pooling {p}: a {mt} model cannot pool that way{}; use {}",
+                if x == Pooling::ClsMeanPatch { " (it needs image patch tokens)" } else { "" },
+                Pooling::ALL.iter().filter(|q| q.fits(mt)).map(|q| q.name()).collect::<Vec<_>>().join(", ")
+            ),
+            Some(_) => {}
+            None => usage!("--pooling {p:?}: expected cls, pooler, mean or cls-mean-patch"),
+        }
+    }
+    if let Some(n) = args.max_length {
+        if n == 0 || (args.task == TaskKind::CausalLm && n < 2) {
+            usage!("--max-length {n}: {}", if classification { "a text needs at least 1 token" } else { "causal-LM blocks need at least 2 tokens" });
+        }
+        if let Some(max) = max_positions(&dir) {
+            if n > max {
+                usage!("--max-length {n}: this model has {max} positions (max_position_embeddings in its config.json); use --max-length {max} or less");
+            }
+        }
+    }
+    if args.eval_held_out.is_some() && args.train_size.is_none() {
+        usage!("--eval-held-out needs --train-size (it evaluates on examples the subset left unused)");
+    }
+    if args.eval_held_out == Some(0) {
+        usage!("--eval-held-out 0: evaluate at least one example");
+    }
+    if args.eval_data.is_some() && args.eval_held_out.is_some() {
+        usage!("--eval-data and --eval-held-out both choose the evaluation set; pass one");
+    }
+    if let Some(p) = &args.eval_data {
+        if !p.exists() {
+            return Err(crate::common::not_found(p, "--eval-data: no such file or directory"));
+        }
+    }
+    if let Some(r) = &args.resume {
+        if !r.exists() {
+            return Err(crate::common::not_found(r, "--resume: no such folder (pass OUT/last of the earlier run)"));
+        }
+    }
+    adapter_config(args, classification)?;
+    let mut inputs: Vec<(&str, &Path)> = vec![("--model", &args.model), ("--data", &args.data)];
+    if let Some(p) = &args.eval_data {
+        inputs.push(("--eval-data", p));
+    }
+    let reuse = Reuse::EmptyOrOverwrite(args.overwrite || args.resume.is_some());
+    let out = check_output("--output", &args.output, &inputs, reuse)?;
+    Ok(Checked { dir, dtype, tcfg, out })
+}
+
+pub fn run(mut args: TrainArgs) -> Result<u8> {
+    let c = check(&mut args)?;
+    let started = Instant::now();
+    let result = c.out.probe_writable().and_then(|_| match args.task {
+        TaskKind::CausalLm => run_causal(&args, &c, started),
+        _ => run_classification(&args, &c, started),
+    });
+    if result.is_err() {
+        c.out.cleanup_after_failure();
+    }
+    result
+}
+
+/// A classification data set with the labels and a description of each example.
 struct ClsData {
     data: Arc<dyn Dataset>,
-    describe: Describe,
+    describe: Box<dyn Fn(usize) -> String>,
     labels: Vec<String>,
 }
 
@@ -279,12 +412,6 @@ fn open_text_cls(path: &Path, tok: &TextTokenizer, map: Option<LabelMap>, device
 }
 
 fn open_image_cls(path: &Path, pre: ImagePreprocess, device: &Device) -> Result<ClsData> {
-    if !path.exists() {
-        return Err(anyhow::Error::new(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("{}: no such file or directory", path.display()),
-        )));
-    }
     let is_idx = path.is_file()
         || ["train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"].iter().any(|f| path.join(f).is_file());
     if is_idx {
@@ -293,6 +420,8 @@ fn open_image_cls(path: &Path, pre: ImagePreprocess, device: &Device) -> Result<
         return Ok(ClsData { data: ds, describe: Box::new(|i| format!("#{i}")), labels });
     }
     let ds = Arc::new(ImageFolder::open(path, pre, device)?);
+    // Every image is checked before training: a broken file fails now, not mid-epoch.
+    check_image_files(ds.paths())?;
     let labels = ds.classes().to_vec();
     let d2 = ds.clone();
     let root = path.to_path_buf();
@@ -305,20 +434,35 @@ fn open_image_cls(path: &Path, pre: ImagePreprocess, device: &Device) -> Result<
     })
 }
 
-fn tokenizer(args: &TrainArgs, causal: bool) -> Result<TextTokenizer> {
+fn tokenizer(args: &TrainArgs, causal: bool, positions: Option<usize>) -> Result<TextTokenizer> {
     let path = args.tokenizer.clone().unwrap_or_else(|| args.model.join("tokenizer.json"));
     if !path.is_file() {
-        return Err(anyhow::Error::new(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("{}: no tokenizer.json; put the model's tokenizer.json there or pass --tokenizer PATH", path.display()),
-        )));
+        return Err(crate::common::not_found(
+            &path,
+            "no tokenizer.json; put the model's tokenizer.json there or pass --tokenizer PATH",
+        ));
     }
-    let opts = TokenizeOptions {
+    let mut opts = TokenizeOptions {
         max_length: if causal { None } else { args.max_length },
         pad_token: args.pad_token.clone(),
         ..TokenizeOptions::default()
     };
-    Ok(TextTokenizer::from_file(&path, &opts)?)
+    let tok = TextTokenizer::from_file(&path, &opts)?;
+    // The tokenizer's own length may exceed what the model reads (a tokenizer saved with 512 on a
+    // smaller model): cap it at the model's positions (a flag beyond them was refused earlier).
+    match positions {
+        Some(max) if !causal && tok.max_length() > max => {
+            opts.max_length = Some(max);
+            Ok(TextTokenizer::from_file(&path, &opts)?)
+        }
+        _ => Ok(tok),
+    }
+}
+
+/// The longest sequence the model's position embeddings allow (BERT-style encoders).
+fn max_positions(dir: &ModelDir) -> Option<usize> {
+    let max = dir.config.get("max_position_embeddings").or_else(|| dir.config.get("n_positions"))?.as_u64()? as usize;
+    Some(if dir.model_type == "roberta" { max.saturating_sub(2) } else { max })
 }
 
 struct Plan {
@@ -349,107 +493,55 @@ fn plan_split(args: &TrainArgs, n: usize, stratify: Option<&[u32]>) -> Result<Pl
     Ok(Plan { train: s.train, val: s.val, rest: s.rest })
 }
 
-fn train_config(args: &TrainArgs) -> Result<TrainConfig> {
-    let schedule: ScheduleKind = match args.schedule.parse() {
-        Ok(s) => s,
-        Err(e) => usage!("--schedule {:?}: {e}", args.schedule),
-    };
-    if !(0.0..1.0).contains(&args.warmup_ratio) {
-        usage!("--warmup-ratio {}: must be in [0, 1)", args.warmup_ratio);
+/// Writes the task metadata into the run folder and the adapter folders the trainer fills, so
+/// `best/` or `last/` shipped alone still says how to predict with it.
+fn write_task_meta(out: &Path, meta: &TaskMeta) -> Result<()> {
+    for d in [out.to_path_buf(), out.join("best"), out.join("last")] {
+        meta.write(&d).with_context(|| format!("writing task metadata into {}", d.display()))?;
     }
-    if args.epochs == 0 {
-        usage!("--epochs 0: train for at least one epoch");
-    }
-    if args.batch_size == 0 {
-        usage!("--batch-size 0: a batch needs at least one example");
-    }
-    Ok(TrainConfig {
-        epochs: args.epochs,
-        lr: args.lr,
-        weight_decay: args.weight_decay,
-        schedule,
-        warmup: Warmup::Ratio(args.warmup_ratio),
-        max_grad_norm: args.max_grad_norm,
-        grad_accum: args.grad_accum,
-        kl_weight: args.kl_weight,
-        patience: args.patience,
-        seed: args.seed,
-        output_dir: args.output.clone(),
-        ..TrainConfig::default()
-    })
+    Ok(())
 }
 
-pub fn run(mut args: TrainArgs) -> Result<u8> {
-    args.model = pvera::models::loader::resolve_model_dir(&args.model)?;
-    if let Some(t) = args.threads {
-        if t == 0 {
-            usage!("--threads 0: use at least one thread");
-        }
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-    }
+fn run_classification(args: &TrainArgs, c: &Checked, started: Instant) -> Result<u8> {
     let device = Device::Cpu;
-    let dtype = crate::infer::parse_dtype(args.dtype.as_deref())?;
-    let tcfg = train_config(&args)?;
-    let dir = ModelDir::open(&args.model).with_context(|| format!("opening model {}", args.model.display()))?;
-    if !args.data.exists() {
-        return Err(anyhow::Error::new(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("--data {}: no such file or directory", args.data.display()),
-        )));
-    }
-    std::fs::create_dir_all(&args.output).with_context(|| format!("creating {}", args.output.display()))?;
-    let started = Instant::now();
-    match args.task {
-        TaskKind::CausalLm => run_causal(&args, &dir, dtype, &device, tcfg, started),
-        _ => run_classification(&args, &dir, dtype, &device, tcfg, started),
-    }
-}
-
-fn run_classification(
-    args: &TrainArgs,
-    dir: &ModelDir,
-    dtype: Option<DType>,
-    device: &Device,
-    tcfg: TrainConfig,
-    started: Instant,
-) -> Result<u8> {
     let text = args.task == TaskKind::TextClassification;
-    let mt = dir.model_type.as_str();
-    match (text, mt) {
-        (true, "bert" | "roberta") | (false, "vit" | "dinov2") => {}
-        _ => usage!(
-            "--task {:?} does not fit model_type {mt:?}: text-classification needs bert/roberta, \
-             image-classification vit/dinov2",
-            args.task
-        ),
-    }
-    let pooling_name = args.pooling.clone().unwrap_or_else(|| {
-        match mt {
-            "vit" => "cls",
-            "dinov2" => "cls-mean-patch",
-            _ => "mean",
-        }
-        .to_string()
-    });
-    let Some(pooling) = Pooling::from_name(&pooling_name) else {
-        usage!("--pooling {pooling_name:?}: expected cls, pooler, mean or cls-mean-patch");
-    };
+    let mt = c.dir.model_type.as_str();
+    let pooling = args.pooling.as_deref().and_then(Pooling::from_name).unwrap_or_else(|| Pooling::default_for(mt));
     let (tok, pre) = if text {
-        (Some(tokenizer(args, false)?), None)
+        (Some(tokenizer(args, false, max_positions(&c.dir))?), None)
     } else {
         (None, Some(ImagePreprocess::for_model_dir(&args.model)?))
     };
-    let train = match (&tok, &pre) {
-        (Some(t), _) => open_text_cls(&args.data, t, None, device)?,
-        (_, Some(p)) => open_image_cls(&args.data, p.clone(), device)?,
-        _ => unreachable!(),
+    let open = |p: &Path, map: Option<LabelMap>| -> Result<ClsData> {
+        match (&tok, &pre) {
+            (Some(t), _) => open_text_cls(p, t, map, &device),
+            (_, Some(pr)) => open_image_cls(p, pr.clone(), &device),
+            _ => usage!("no tokenizer or image preprocessing for {mt}"),
+        }
     };
+    let train = open(&args.data, None)?;
     let n = train.data.len();
     if train.labels.len() < 2 {
         usage!("{}: {} class(es) found; classification needs at least 2", args.data.display(), train.labels.len());
     }
+    // The evaluation set is opened (and checked) now, not after training.
+    let eval_set = match &args.eval_data {
+        Some(p) => {
+            let d = open(p, Some(LabelMap::new(train.labels.clone())?))?;
+            if !text && d.labels != train.labels {
+                usage!("--eval-data {}: classes {:?} differ from the training classes {:?}", p.display(), d.labels, train.labels);
+            }
+            Some(d)
+        }
+        None => None,
+    };
     let plan = plan_split(args, n, train.data.class_ids())?;
-    println!(
+    if let Some(k) = args.eval_held_out {
+        if plan.rest.is_empty() {
+            usage!("--eval-held-out {k}: no unused examples left (the data has {n}, --train-size takes them all)");
+        }
+    }
+    note!(
         "data: {} ({n} examples, {} classes: {}); train {} / validation {}{}",
         args.data.display(),
         train.labels.len(),
@@ -458,148 +550,109 @@ fn run_classification(
         plan.val.len(),
         if plan.rest.is_empty() { String::new() } else { format!(" / unused {}", plan.rest.len()) }
     );
-    std::fs::write(args.output.join("labels.json"), serde_json::to_string_pretty(&train.labels)? + "\n")?;
-    // What `pvera predict` / `pvera eval` need to rebuild the classifier around best/ or last/.
-    let meta = serde_json::json!({
-        "task": if text { "text-classification" } else { "image-classification" },
-        "model_type": mt,
-        "labels": train.labels,
-        "pooling": pooling_name,
-        "max_length": tok.as_ref().map(TextTokenizer::max_length),
-    });
-    std::fs::write(args.output.join("pvera_task.json"), serde_json::to_string_pretty(&meta)? + "\n")?;
-    // The split, so `pvera eval --held-out-of OUT` evaluates exactly the examples training never saw.
-    let split = serde_json::json!({
-        "data": args.data.display().to_string(), "examples": n, "seed": args.seed,
-        "train": plan.train, "validation": plan.val, "unused": plan.rest,
-    });
-    std::fs::write(args.output.join("split.json"), serde_json::to_string(&split)? + "\n")?;
-
-    let state = Arc::new(RunState::new(args.seed));
-    let (model, registry, info) = Classifier::load(dir, train.labels.len(), pooling, dtype, device, state, args.seed)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
-    let config = adapter_config(args, true)?;
-    let mut pm = PeftModel::new(model, registry, info, config, "default")?;
-    let task = Tracked { inner: ClassificationTask, correct: Cell::new(0), examples: Cell::new(0) };
-    let mut data = SplitData::new(train.data.clone(), plan.train.clone(), plan.val.clone(), args.batch_size, args.seed)?;
-    let report = fit(args, tcfg, &mut pm, &task, &mut data)?;
-
-    // Held-out evaluation with the best adapter.
-    let eval_set: Option<(ClsData, Vec<usize>, String)> = if let Some(p) = &args.eval_data {
-        let d = match (&tok, &pre) {
-            (Some(t), _) => open_text_cls(p, t, Some(LabelMap::new(train.labels.clone())?), device)?,
-            (_, Some(pr)) => {
-                let d = open_image_cls(p, pr.clone(), device)?;
-                if d.labels != train.labels {
-                    usage!(
-                        "--eval-data {}: classes {:?} differ from the training classes {:?}",
-                        p.display(),
-                        d.labels,
-                        train.labels
-                    );
-                }
-                d
-            }
-            _ => unreachable!(),
-        };
-        let idx = (0..d.data.len()).collect();
-        Some((d, idx, p.display().to_string()))
-    } else if let Some(k) = args.eval_held_out {
-        if args.train_size.is_none() {
-            usage!("--eval-held-out needs --train-size (it evaluates on examples the subset left unused)");
-        }
-        let idx: Vec<usize> = plan.rest.iter().copied().take(k).collect();
-        if idx.is_empty() {
-            usage!("--eval-held-out {k}: no unused examples left (the data has {n}, --train-size takes them all)");
-        }
-        let what = format!("{} held-out examples of {}", idx.len(), args.data.display());
-        Some((train, idx, what))
-    } else {
-        None
+    let sha = data_fingerprint(&args.data)?;
+    let meta = TaskMeta {
+        task: args.task.meta(),
+        model_type: mt.to_string(),
+        labels: train.labels.clone(),
+        pooling: Some(pooling.name().to_string()),
+        max_length: tok.as_ref().map(TextTokenizer::max_length),
     };
-    let mut eval_json = serde_json::Value::Null;
-    if let Some((set, idx, what)) = eval_set {
-        let best = args.output.join("best");
-        load_adapter_weights(&mut pm, &best).with_context(|| format!("loading {}", best.display()))?;
-        pm.eval()?;
-        pm.state().set_grad_enabled(false)?;
-        let t0 = Instant::now();
-        let mut preds: Vec<(usize, u32, u32, f32)> = Vec::with_capacity(idx.len());
-        let mut loss_sum = 0.0f64;
-        for chunk in idx.chunks(args.batch_size.max(1)) {
-            let batch: Batch = set.data.get_batch(chunk)?;
-            let logits = pm.model().forward(&batch.inputs)?;
-            let (loss, _) = pvera::train::tasks::classification_loss(&logits, &batch.labels)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
-            let probs = candle_nn_softmax(&logits)?;
-            let p: Vec<Vec<f32>> = probs.to_vec2()?;
-            let y: Vec<u32> = batch.labels.to_vec1()?;
-            for (k, &i) in chunk.iter().enumerate() {
-                let (arg, pmax) =
-                    p[k].iter().enumerate().fold((0usize, f32::MIN), |a, (j, &v)| if v > a.1 { (j, v) } else { a });
-                preds.push((i, y[k], arg as u32, pmax));
-            }
-        }
-        let correct = preds.iter().filter(|p| p.1 == p.2).count();
-        let acc = correct as f64 / preds.len() as f64;
-        let eval_loss = loss_sum / preds.len() as f64;
-        println!(
-            "eval (best adapter, epoch {}): {what}: accuracy {:.4} ({correct}/{}), loss {eval_loss:.4}, {:.1}s",
-            report.best_epoch.map_or("-".to_string(), |e| e.to_string()),
-            acc,
-            preds.len(),
-            t0.elapsed().as_secs_f64()
-        );
-        let shown: Vec<&(usize, u32, u32, f32)> = preds.iter().take(args.show_predictions).collect();
-        if !shown.is_empty() {
-            println!("predictions:");
-            for (i, y, p, prob) in shown {
-                println!(
-                    "  [{}] true {:<8} predicted {:<8} p={prob:.3}  {}",
-                    if y == p { "ok" } else { "XX" },
-                    set.labels[*y as usize],
-                    set.labels[*p as usize],
-                    (set.describe)(*i)
-                );
-            }
-        }
-        eval_json = serde_json::json!({
-            "data": what, "examples": preds.len(), "correct": correct, "accuracy": acc, "loss": eval_loss,
-            "best_epoch": report.best_epoch,
-        });
+    write_task_meta(&args.output, &meta)?;
+    SplitRecord {
+        data: args.data.display().to_string(),
+        examples: n,
+        seed: args.seed,
+        data_sha256: Some(sha),
+        train: plan.train.clone(),
+        validation: plan.val.clone(),
+        unused: plan.rest.clone(),
     }
+    .write(&args.output)?;
+
+    let report = {
+        let state = Arc::new(RunState::new(args.seed));
+        let (model, registry, info) = Classifier::load(&c.dir, train.labels.len(), pooling, c.dtype, &device, state, args.seed)
+            .with_context(|| format!("loading model {}", args.model.display()))?;
+        let mut pm = PeftModel::new(model, registry, info, adapter_config(args, true)?, "default").map_err(flag_error)?;
+        let mut data = SplitData::new(train.data.clone(), plan.train.clone(), plan.val.clone(), args.batch_size, args.seed)?;
+        fit(args, c.tcfg.clone(), &mut pm, &ClassificationTask, &mut data)?
+    };
+
+    // Held-out evaluation of the best adapter, through the library's predictor.
+    let (set, idx, what) = match (eval_set, args.eval_held_out) {
+        (Some(d), _) => {
+            let idx: Vec<usize> = (0..d.data.len()).collect();
+            let what = args.eval_data.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            (d, idx, what)
+        }
+        (None, Some(k)) => {
+            let idx: Vec<usize> = plan.rest.iter().copied().take(k).collect();
+            let what = format!("{} held-out examples of {}", idx.len(), args.data.display());
+            (train, idx, what)
+        }
+        (None, None) => return finish(args, &report, serde_json::Value::Null, started),
+    };
+    let best = args.output.join("best");
+    let opts = PredictorOptions { tokenizer: args.tokenizer.clone(), dtype: c.dtype, seed: args.seed, ..PredictorOptions::default() };
+    let overrides = TaskOverrides { labels: Some(meta.labels.clone()), pooling: Some(pooling), max_length: meta.max_length };
+    let mut p = Predictor::open_with_adapter(&args.model, &best, &opts, &overrides)
+        .with_context(|| format!("loading {}", best.display()))?;
+    let t0 = Instant::now();
+    let mut ys = vec![0usize; idx.len()];
+    let cfg = PredictConfig { samples: 1, ..PredictConfig::default() };
+    let preds = p.predict_all(
+        pvera::checkpoint::DEFAULT_ADAPTER,
+        idx.len(),
+        args.batch_size,
+        &cfg,
+        &mut |_, chunk| {
+            let b: Batch = set.data.get_batch(&chunk.iter().map(|&i| idx[i]).collect::<Vec<_>>())?;
+            for (k, y) in batch_labels(&b.labels)?.into_iter().enumerate() {
+                ys[chunk[k]] = y;
+            }
+            Ok(b.inputs)
+        },
+        &mut |_, _| {},
+    )?;
+    let correct = preds.iter().zip(&ys).filter(|(p, &y)| p.predicted() == y).count();
+    let acc = correct as f64 / preds.len() as f64;
+    let loss = preds.iter().zip(&ys).map(|(p, &y)| -p.mean_mode[y].max(f64::MIN_POSITIVE).ln()).sum::<f64>() / preds.len() as f64;
+    note!(
+        "eval (best adapter, epoch {}): {what}: accuracy {acc:.4} ({correct}/{}), loss {loss:.4}, {:.1}s",
+        report.best_epoch.map_or("-".to_string(), |e| e.to_string()),
+        preds.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let shown = preds.iter().zip(&ys).zip(&idx).take(args.show_predictions);
+    if args.show_predictions > 0 {
+        note!("predictions:");
+    }
+    for ((pr, &y), &i) in shown {
+        let k = pr.predicted();
+        note!(
+            "  [{}] true {:<8} predicted {:<8} p={:.3}  {}",
+            if y == k { "ok" } else { "XX" },
+            meta.labels[y],
+            meta.labels[k],
+            pr.probability(),
+            (set.describe)(i)
+        );
+    }
+    let eval_json = serde_json::json!({
+        "data": what, "examples": preds.len(), "correct": correct, "accuracy": acc, "loss": loss,
+        "best_epoch": report.best_epoch,
+    });
     finish(args, &report, eval_json, started)
 }
 
-fn candle_nn_softmax(logits: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?;
-    let e = logits.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
-}
-
-fn run_causal(
-    args: &TrainArgs,
-    dir: &ModelDir,
-    dtype: Option<DType>,
-    device: &Device,
-    tcfg: TrainConfig,
-    started: Instant,
-) -> Result<u8> {
-    let mt = dir.model_type.as_str();
-    if !matches!(mt, "llama" | "gpt2") {
-        usage!("--task causal-lm needs a llama or gpt2 model; {} has model_type {mt:?}", args.model.display());
-    }
-    if args.pooling.is_some() {
-        usage!("--pooling applies to classification tasks only");
-    }
-    let tok = tokenizer(args, true)?;
+fn run_causal(args: &TrainArgs, c: &Checked, started: Instant) -> Result<u8> {
+    let device = Device::Cpu;
+    let tok = tokenizer(args, true, None)?;
     let block = args.max_length.unwrap_or(128);
-    if block < 2 {
-        usage!("--max-length {block}: causal-LM blocks need at least 2 tokens");
-    }
     let open = |p: &Path| -> Result<Arc<dyn Dataset>> {
         Ok(Arc::new(
-            CausalLm::from_text_file(p, &tok, &CausalLmOptions::new(block), device)
+            CausalLm::from_text_file(p, &tok, &CausalLmOptions::new(block), &device)
                 .with_context(|| format!("reading {}", p.display()))?,
         ))
     };
@@ -608,29 +661,36 @@ fn run_causal(
     if n == 0 {
         usage!("{}: too little text for one block of {block} tokens; lower --max-length", args.data.display());
     }
+    let eval = match &args.eval_data {
+        Some(p) => {
+            let e = open(p)?;
+            if e.is_empty() {
+                usage!("--eval-data {}: too little text for one block of {block} tokens", p.display());
+            }
+            Some(e)
+        }
+        None => None,
+    };
     let plan = plan_split(args, n, None)?;
-    println!(
-        "data: {} ({n} blocks of {block} tokens); train {} / validation {}",
-        args.data.display(),
-        plan.train.len(),
-        plan.val.len()
-    );
+    note!("data: {} ({n} blocks of {block} tokens); train {} / validation {}", args.data.display(), plan.train.len(), plan.val.len());
+    let meta = TaskMeta {
+        task: MetaTask::CausalLm,
+        model_type: c.dir.model_type.clone(),
+        labels: Vec::new(),
+        pooling: None,
+        max_length: Some(block),
+    };
+    write_task_meta(&args.output, &meta)?;
     let state = Arc::new(RunState::new(args.seed));
     let (model, registry, info) =
-        AnyModel::load(dir, dtype, device, state).with_context(|| format!("loading model {}", args.model.display()))?;
-    let config = adapter_config(args, false)?;
-    let mut pm = PeftModel::new(model, registry, info, config, "default")?;
-    let task = Tracked { inner: CausalLmTask, correct: Cell::new(0), examples: Cell::new(0) };
+        AnyModel::load(&c.dir, c.dtype, &device, state).with_context(|| format!("loading model {}", args.model.display()))?;
+    let mut pm = PeftModel::new(model, registry, info, adapter_config(args, false)?, "default").map_err(flag_error)?;
     let mut data = SplitData::new(ds.clone(), plan.train.clone(), plan.val.clone(), args.batch_size, args.seed)?;
-    let report = fit(args, tcfg, &mut pm, &task, &mut data)?;
+    let report = fit(args, c.tcfg.clone(), &mut pm, &CausalLmTask, &mut data)?;
     let mut eval_json = serde_json::Value::Null;
-    if let Some(p) = &args.eval_data {
-        let eval = open(p)?;
-        if eval.is_empty() {
-            usage!("--eval-data {}: too little text for one block of {block} tokens", p.display());
-        }
+    if let (Some(eval), Some(p)) = (eval, &args.eval_data) {
         let best = args.output.join("best");
-        load_adapter_weights(&mut pm, &best).with_context(|| format!("loading {}", best.display()))?;
+        pvera::train::load_adapter_weights(&mut pm, &best).with_context(|| format!("loading {}", best.display()))?;
         pm.eval()?;
         pm.state().set_grad_enabled(false)?;
         let (mut sum, mut tokens) = (0.0f64, 0usize);
@@ -644,74 +704,69 @@ fn run_causal(
             tokens += k;
         }
         let loss = sum / tokens.max(1) as f64;
-        println!("eval (best adapter): {}: loss {loss:.4}, perplexity {:.2} ({tokens} tokens)", p.display(), loss.exp());
+        note!("eval (best adapter): {}: loss {loss:.4}, perplexity {:.2} ({tokens} tokens)", p.display(), loss.exp());
         eval_json = serde_json::json!({"data": p.display().to_string(), "tokens": tokens, "loss": loss, "perplexity": loss.exp()});
     }
     finish(args, &report, eval_json, started)
 }
 
-fn fit<M, T>(
-    args: &TrainArgs,
-    tcfg: TrainConfig,
-    pm: &mut PeftModel<M>,
-    task: &Tracked<T>,
-    data: &mut SplitData,
-) -> Result<TrainReport>
+/// How often a progress line is written when stdout is not a terminal (a log file, a pipe).
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+fn fit<M, T>(args: &TrainArgs, tcfg: TrainConfig, pm: &mut PeftModel<M>, task: &T, data: &mut SplitData) -> Result<TrainReport>
 where
     T: Task<M, Batch = Batch>,
 {
-    let mut trainer = Trainer::new(tcfg)?;
+    let mut trainer = Trainer::new(tcfg).map_err(flag_error)?;
     if let Some(r) = &args.resume {
         trainer.resume_from(pm, r).with_context(|| format!("resuming from {}", r.display()))?;
     }
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
-        .expect("valid template")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
     let mut bar: Option<ProgressBar> = None;
-    let mut steps_per_epoch = 0usize;
-    let mut epochs = 0usize;
+    let (mut steps_per_epoch, mut epochs) = (0usize, 0usize);
+    let mut last_log = Instant::now();
     let mut seen: Vec<EpochMetrics> = Vec::new();
     let out = args.output.clone();
     let result = trainer.fit(pm, task, data, |ev| match ev {
         TrainEvent::Started { trainable, steps, steps_per_epoch: spe, epochs: e, start_epoch, .. } => {
-            println!("{trainable}");
-            println!(
+            note!("{trainable}");
+            note!(
                 "training: {e} epoch(s) x {spe} step(s) = {steps} optimizer steps{}",
                 if start_epoch > 1 { format!(", resuming at epoch {start_epoch}") } else { String::new() }
             );
             steps_per_epoch = spe;
             epochs = e;
         }
-        TrainEvent::Warning { message } => eprintln!("warning: {message}"),
-        TrainEvent::Step { epoch, loss, examples_per_sec, lr, .. } => {
-            let b = bar.get_or_insert_with(|| {
-                task.correct.set(0);
-                task.examples.set(0);
-                let b = ProgressBar::new(steps_per_epoch as u64).with_style(style.clone());
-                b.set_prefix(format!("epoch {epoch}/{epochs}"));
-                b
-            });
-            let acc = if task.examples.get() > 0 {
-                format!(" acc {:.3}", task.correct.get() as f64 / task.examples.get() as f64)
-            } else {
-                String::new()
-            };
-            b.set_message(format!("loss {loss:.4}{acc} {examples_per_sec:.1} ex/s lr {lr:.2e}"));
-            b.inc(1);
+        TrainEvent::Warning { message } => warn_line!("warning: {message}"),
+        TrainEvent::Step { epoch, step, steps, loss, examples_per_sec, lr, .. } => {
+            let msg = format!("loss {loss:.4} {examples_per_sec:.1} ex/s lr {lr:.2e}");
+            if tty {
+                let b = bar.get_or_insert_with(|| {
+                    let b = ProgressBar::new(steps_per_epoch as u64).with_style(style.clone());
+                    b.set_prefix(format!("epoch {epoch}/{epochs}"));
+                    b
+                });
+                b.set_message(msg);
+                b.inc(1);
+            } else if last_log.elapsed() >= LOG_EVERY {
+                last_log = Instant::now();
+                note!("epoch {epoch}/{epochs} step {step}/{steps}: {msg}");
+            }
         }
         TrainEvent::EpochEnd { metrics: m } => {
             if let Some(b) = bar.take() {
                 b.finish_and_clear();
             }
-            task.correct.set(0);
-            task.examples.set(0);
-            println!("{}", epoch_line(&m, epochs));
+            note!("{}", epoch_line(&m, epochs));
             seen.push(m);
             // Keep the files current during the run (rewritten in full at the end).
             let _ = write_curves(&out, &seen);
         }
         TrainEvent::EarlyStop { epoch, best_epoch, patience, .. } => {
-            println!("early stop after epoch {epoch}: no improvement for {patience} epoch(s); best epoch {best_epoch}")
+            note!("early stop after epoch {epoch}: no improvement for {patience} epoch(s); best epoch {best_epoch}")
         }
         _ => {}
     });
@@ -743,42 +798,13 @@ fn epoch_line(m: &EpochMetrics, epochs: usize) -> String {
     )
 }
 
-fn write_curves(out: &Path, epochs: &[EpochMetrics]) -> Result<()> {
-    let mut csv = String::from(
-        "epoch,step,train_loss,train_kl,train_accuracy,val_loss,val_accuracy,lr,seconds,examples_per_sec,is_best\n",
-    );
-    let o = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
-    for m in epochs {
-        let _ = writeln!(
-            csv,
-            "{},{},{},{},{},{},{},{},{},{},{}",
-            m.epoch,
-            m.step,
-            m.train_loss,
-            o(m.train_kl),
-            o(m.train_accuracy),
-            o(m.val_loss),
-            o(m.val_accuracy),
-            m.lr,
-            m.seconds,
-            m.examples_per_sec,
-            m.is_best
-        );
-    }
-    std::fs::write(out.join("metrics.csv"), csv)?;
-    std::fs::write(out.join("training_curve.svg"), training_curve_svg(epochs))?;
-    let json = serde_json::json!({ "epochs": epochs });
-    std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&json)? + "\n")?;
-    Ok(())
-}
-
 fn finish(args: &TrainArgs, report: &TrainReport, eval: serde_json::Value, started: Instant) -> Result<u8> {
     write_curves(&args.output, &report.epochs)?;
     let mut json = serde_json::to_value(report)?;
     json["eval"] = eval;
     json["wall_seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
-    std::fs::write(args.output.join("metrics.json"), serde_json::to_string_pretty(&json)? + "\n")?;
-    println!(
+    pvera::checkpoint::write_atomic(&args.output.join("metrics.json"), (serde_json::to_string_pretty(&json)? + "\n").as_bytes())?;
+    note!(
         "done in {:.1}s: best epoch {} -> {}; last -> {}; metrics.json, metrics.csv, training_curve.svg in {}",
         started.elapsed().as_secs_f64(),
         report.best_epoch.map_or("-".to_string(), |e| e.to_string()),
@@ -787,76 +813,4 @@ fn finish(args: &TrainArgs, report: &TrainReport, eval: serde_json::Value, start
         args.output.display()
     );
     Ok(0)
-}
-
-/// A hand-written SVG: train / validation loss (left axis) and validation accuracy (right axis,
-/// 0..1) per epoch.
-pub fn training_curve_svg(epochs: &[EpochMetrics]) -> String {
-    let (w, h) = (720.0f64, 400.0f64);
-    let (l, r, t, b) = (70.0, 70.0, 40.0, 50.0);
-    let pw = w - l - r;
-    let ph = h - t - b;
-    let n = epochs.len().max(1);
-    let x_of = |e: usize| if n == 1 { l + pw / 2.0 } else { l + pw * (e as f64 - 1.0) / (n as f64 - 1.0) };
-    let losses: Vec<f64> = epochs
-        .iter()
-        .flat_map(|m| [Some(m.train_loss), m.val_loss])
-        .flatten()
-        .filter(|v| v.is_finite())
-        .collect();
-    let lmax = losses.iter().copied().fold(0.0f64, f64::max).max(1e-6) * 1.05;
-    let y_loss = |v: f64| t + ph * (1.0 - v / lmax);
-    let y_acc = |v: f64| t + ph * (1.0 - v);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(s, r#"<text x="{}" y="22" text-anchor="middle" font-size="15">pvera train: loss and validation accuracy</text>"#, w / 2.0);
-    let _ = writeln!(s, r##"<rect x="{l}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="#444"/>"##);
-    for k in 0..=4 {
-        let f = k as f64 / 4.0;
-        let y = t + ph * (1.0 - f);
-        let _ = writeln!(s, r##"<line x1="{l}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/>"##, l + pw);
-        let _ = writeln!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{:.3}</text>"#, l - 6.0, y + 4.0, lmax * f);
-        let _ = writeln!(s, r#"<text x="{}" y="{:.1}">{:.2}</text>"#, l + pw + 6.0, y + 4.0, f);
-    }
-    for m in epochs {
-        let x = x_of(m.epoch.saturating_sub(epochs[0].epoch) + 1);
-        let _ = writeln!(s, r#"<text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"#, t + ph + 18.0, m.epoch);
-    }
-    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">epoch</text>"#, l + pw / 2.0, h - 8.0);
-    let _ = writeln!(s, r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">loss</text>"#, t + ph / 2.0, t + ph / 2.0);
-    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle" transform="rotate(90 {} {})">accuracy</text>"#, w - 14.0, t + ph / 2.0, w - 14.0, t + ph / 2.0);
-    let series: [(&str, &str, &str, Box<dyn Fn(&EpochMetrics) -> Option<f64>>, bool); 3] = [
-        ("train loss", "#1f77b4", "", Box::new(|m| Some(m.train_loss)), false),
-        ("val loss", "#ff7f0e", "", Box::new(|m| m.val_loss), false),
-        ("val accuracy", "#2ca02c", r#" stroke-dasharray="6 4""#, Box::new(|m| m.val_accuracy), true),
-    ];
-    for (i, (name, color, dash, get, acc)) in series.iter().enumerate() {
-        let pts: Vec<(f64, f64)> = epochs
-            .iter()
-            .filter_map(|m| {
-                let v = get(m)?;
-                v.is_finite().then(|| {
-                    (x_of(m.epoch.saturating_sub(epochs[0].epoch) + 1), if *acc { y_acc(v) } else { y_loss(v) })
-                })
-            })
-            .collect();
-        if pts.is_empty() {
-            continue;
-        }
-        let p: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
-        let _ = writeln!(s, r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#, p.join(" "));
-        for (x, y) in &pts {
-            let _ = writeln!(s, r#"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="{color}"/>"#);
-        }
-        let ly = t + 14.0 + 16.0 * i as f64;
-        let lx = l + 10.0;
-        let _ = writeln!(s, r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/>"#, lx + 22.0);
-        let _ = writeln!(s, r#"<text x="{}" y="{}">{name}</text>"#, lx + 28.0, ly + 4.0);
-    }
-    s.push_str("</svg>\n");
-    s
 }

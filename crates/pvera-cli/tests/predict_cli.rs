@@ -271,6 +271,8 @@ fn model_hub_ids_resolve_through_the_local_hub_cache() {
             .args([
                 "train", "--model", model, "--data", s(&data), "--task", "text-classification", "--output",
                 s(&tmp.path().join("out")), "--epochs", "1", "--r", "4", "--target-modules", "query,value",
+                // the same output folder twice: the second run replaces the first (issue 16 row 6)
+                "--overwrite",
             ])
             .output()
             .unwrap()

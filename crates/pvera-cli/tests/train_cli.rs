@@ -137,9 +137,11 @@ fn bad_flags_and_data_give_clear_errors() {
         "text-classification", "--output", s(&out),
     ]);
     assert_eq!(o.status.code(), Some(6), "{}", show(&o));
-    // Invalid adapter option: config error.
+    // Invalid adapter option: a bad flag value (2, naming the flag), not a bad adapter_config.json
+    // file (4) (issue 16 row 10).
     let o = base(&["--task", "text-classification", "--bias", "some"]);
-    assert_eq!(o.status.code(), Some(4), "{}", show(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--bias"), "{}", show(&o));
     // Non-finite loss: exit 8 with the library's message.
     let o = base(&["--task", "text-classification", "--lr", "1e30", "--epochs", "3", "--r", "8"]);
     assert_eq!(o.status.code(), Some(8), "{}", show(&o));
