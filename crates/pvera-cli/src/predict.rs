@@ -186,9 +186,8 @@ fn open(args: &CommonArgs, min_samples: usize) -> Result<(Predictor, PredictConf
             usage!("--sample-modules: {e}");
         }
     }
-    for w in p.take_warnings() {
-        warn_line!("warning: {w}");
-    }
+    // Every warning was logged through `tracing` (stderr) as it arose; printed once.
+    let _ = p.take_warnings();
     let cfg = PredictConfig {
         samples: args.samples,
         confidence: args.confidence,

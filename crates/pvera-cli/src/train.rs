@@ -224,9 +224,15 @@ fn flag_error(e: pvera::Error) -> anyhow::Error {
     }
 }
 
-fn adapter_config(args: &TrainArgs, classification: bool) -> Result<PveraConfig> {
+fn adapter_config(args: &TrainArgs, model_type: &str, classification: bool) -> Result<PveraConfig> {
     let mut cfg = PveraConfig { r: args.r, ..PveraConfig::default() };
     cfg.target_modules = args.target_modules.as_deref().map(parse_target_modules);
+    if cfg.target_modules.is_none() && model_type == "vit" {
+        // PEFT's default table has no ViT entry; the attention's query and value (DINOv2's PEFT
+        // default) are the paper's choice for vision transformers. Written into the config, so
+        // PEFT loads the adapter as it is.
+        cfg.target_modules = Some(TargetModules::list(vec!["query".to_string(), "value".to_string()]));
+    }
     if let Some(l) = &args.layers_to_transform {
         let mut v = Vec::new();
         for x in parse_list(l) {
@@ -362,7 +368,7 @@ fn check(args: &mut TrainArgs) -> Result<Checked> {
             return Err(crate::common::not_found(r, "--resume: no such folder (pass OUT/last of the earlier run)"));
         }
     }
-    adapter_config(args, classification)?;
+    adapter_config(args, mt, classification)?;
     let mut inputs: Vec<(&str, &Path)> = vec![("--model", &args.model), ("--data", &args.data)];
     if let Some(p) = &args.eval_data {
         inputs.push(("--eval-data", p));
@@ -550,6 +556,12 @@ fn run_classification(args: &TrainArgs, c: &Checked, started: Instant) -> Result
         plan.val.len(),
         if plan.rest.is_empty() { String::new() } else { format!(" / unused {}", plan.rest.len()) }
     );
+    // The model and the adapter are built before anything is written, so a run that cannot start
+    // leaves no files behind.
+    let state = Arc::new(RunState::new(args.seed));
+    let (model, registry, info) = Classifier::load(&c.dir, train.labels.len(), pooling, c.dtype, &device, state, args.seed)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let mut pm = PeftModel::new(model, registry, info, adapter_config(args, mt, true)?, "default").map_err(flag_error)?;
     let sha = data_fingerprint(&args.data)?;
     let meta = TaskMeta {
         task: args.task.meta(),
@@ -569,14 +581,11 @@ fn run_classification(args: &TrainArgs, c: &Checked, started: Instant) -> Result
         unused: plan.rest.clone(),
     }
     .write(&args.output)?;
-
     let report = {
-        let state = Arc::new(RunState::new(args.seed));
-        let (model, registry, info) = Classifier::load(&c.dir, train.labels.len(), pooling, c.dtype, &device, state, args.seed)
-            .with_context(|| format!("loading model {}", args.model.display()))?;
-        let mut pm = PeftModel::new(model, registry, info, adapter_config(args, true)?, "default").map_err(flag_error)?;
         let mut data = SplitData::new(train.data.clone(), plan.train.clone(), plan.val.clone(), args.batch_size, args.seed)?;
-        fit(args, c.tcfg.clone(), &mut pm, &ClassificationTask, &mut data)?
+        let r = fit(args, c.tcfg.clone(), &mut pm, &ClassificationTask, &mut data)?;
+        drop(pm);
+        r
     };
 
     // Held-out evaluation of the best adapter, through the library's predictor.
@@ -680,11 +689,11 @@ fn run_causal(args: &TrainArgs, c: &Checked, started: Instant) -> Result<u8> {
         pooling: None,
         max_length: Some(block),
     };
-    write_task_meta(&args.output, &meta)?;
     let state = Arc::new(RunState::new(args.seed));
     let (model, registry, info) =
         AnyModel::load(&c.dir, c.dtype, &device, state).with_context(|| format!("loading model {}", args.model.display()))?;
-    let mut pm = PeftModel::new(model, registry, info, adapter_config(args, false)?, "default").map_err(flag_error)?;
+    let mut pm = PeftModel::new(model, registry, info, adapter_config(args, &c.dir.model_type, false)?, "default").map_err(flag_error)?;
+    write_task_meta(&args.output, &meta)?;
     let mut data = SplitData::new(ds.clone(), plan.train.clone(), plan.val.clone(), args.batch_size, args.seed)?;
     let report = fit(args, c.tcfg.clone(), &mut pm, &CausalLmTask, &mut data)?;
     let mut eval_json = serde_json::Value::Null;

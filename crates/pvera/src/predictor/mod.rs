@@ -318,7 +318,8 @@ impl Predictor {
     }
 
     /// Warnings collected since the last call (what loading had to assume, PEFT's load
-    /// warnings), each once.
+    /// warnings), each once. Each was also logged through `tracing` when it arose (the
+    /// library's rule), so a front end with a `tracing` subscriber need not print them again.
     pub fn take_warnings(&mut self) -> Vec<String> {
         let mut w = std::mem::take(&mut self.warnings);
         w.extend(self.pm.take_warnings().into_iter().map(|x| x.to_string()));
@@ -385,6 +386,9 @@ impl Predictor {
         self.pm.load_adapter_files(files, name, false)?;
         if !had_adapters {
             self.pm.set_adapter(&[name])?;
+        }
+        for w in &task.warnings {
+            tracing::warn!("{w}");
         }
         self.warnings.extend(task.warnings.iter().cloned());
         let entry = AdapterTask { name: name.to_string(), dir: dir.to_path_buf(), task, head };
