@@ -18,6 +18,7 @@
 //! - [`models`]: model families built through the builder, task heads.
 //! - [`train`]: AdamW, schedules and the training loop.
 //! - [`uncertainty`]: Monte Carlo prediction, intervals, calibration, OOD scores.
+//! - [`validate`]: every load check that needs no model, all problems of an adapter directory.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
@@ -36,6 +37,7 @@ pub mod state;
 pub mod targets;
 pub mod train;
 pub mod uncertainty;
+pub mod validate;
 
 pub use config::PveraConfig;
 pub use error::{Error, Result};

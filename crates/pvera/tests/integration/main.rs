@@ -14,3 +14,4 @@ mod models_vision;
 mod peft_parity;
 mod train;
 mod uncertainty;
+mod validate;
