@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use pvera::checkpoint::{self, PROJ_A_KEY, PROJ_B_KEY};
 use pvera::models::loader::{resolve_model_dir, ModelDir};
 use pvera::peft_model::{format_trainable_line, group_thousands};
-use pvera::validate::{self, AdapterReport, Problem};
+use pvera::validate::{self, AdapterReport, Problem, Severity};
 use serde_json::{json, Value};
 
 /// Arguments of `pvera inspect`.
@@ -34,14 +34,14 @@ pub struct Args {
 
 /// One problem as printed: the library's finding with the exit code it maps to.
 struct Rendered {
-    severity: &'static str,
+    severity: Severity,
     class: &'static str,
     message: String,
     exit_code: u8,
 }
 
 fn render(p: Problem) -> Rendered {
-    let (severity, class, message) = (p.severity().as_str(), p.class(), p.message());
+    let (severity, class, message) = (p.severity(), p.class(), p.message());
     let exit_code = match p {
         Problem::Error(e) => crate::exit_code_for(&anyhow::Error::new(e)),
         Problem::Warning(_) | Problem::Info(_) => 0,
@@ -95,9 +95,9 @@ fn inspect_one(report: AdapterReport, args: &Args) -> Result<(Value, Vec<Rendere
     let problems: Vec<Rendered> = report.problems.into_iter().map(render).collect();
     v["problems"] = problems
         .iter()
-        .map(|p| json!({"severity": p.severity, "class": p.class, "message": p.message, "exit_code": p.exit_code}))
+        .map(|p| json!({"severity": p.severity.as_str(), "class": p.class, "message": p.message, "exit_code": p.exit_code}))
         .collect();
-    v["would_load"] = json!(!problems.iter().any(|p| p.severity == "error"));
+    v["would_load"] = json!(!problems.iter().any(|p| p.severity == Severity::Error));
     Ok((v, problems))
 }
 
@@ -146,9 +146,9 @@ pub fn run(args: Args) -> Result<u8> {
             mismatch = true;
         }
         let (v, problems) = inspect_one(report, &args)?;
-        let n_errors = problems.iter().filter(|p| p.severity == "error").count();
+        let n_errors = problems.iter().filter(|p| p.severity == Severity::Error).count();
         if first_error.is_none() {
-            if let Some(p) = problems.into_iter().find(|p| p.severity == "error") {
+            if let Some(p) = problems.into_iter().find(|p| p.severity == Severity::Error) {
                 first_error = Some((d.clone(), p, n_errors));
             }
         }
