@@ -1,12 +1,13 @@
-//! `pvera inspect DIR`.
+//! `pvera inspect DIR`: the adapter's config, tensors and counts, and every problem that would
+//! keep it from loading (the checks are `pvera::validate`'s; this file only renders them).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use pvera::checkpoint::{self, AdapterFiles, PROJ_A_KEY, PROJ_B_KEY};
+use pvera::checkpoint::{self, PROJ_A_KEY, PROJ_B_KEY};
+use pvera::models::loader::{resolve_model_dir, ModelDir};
 use pvera::peft_model::{format_trainable_line, group_thousands};
-use pvera::projection::generate_raw;
-use pvera::TorchKernel;
+use pvera::validate::{self, AdapterReport, Problem, Severity};
 use serde_json::{json, Value};
 
 /// Arguments of `pvera inspect`.
@@ -16,9 +17,13 @@ pub struct Args {
     /// saved under other names live in sub-directories; they are listed and inspected too.
     pub dir: PathBuf,
     /// Regenerate pvera_A / pvera_B from projection_prng_key and compare them bit for bit with
-    /// the stored ones: exit 0 when identical, 3 when not.
+    /// the stored ones: exit 0 when identical, 3 when not (unless the adapter has errors).
     #[arg(long)]
     pub verify_projections: bool,
+    /// Also load the adapter onto this model (a Hugging Face model directory or a cached hub id)
+    /// and report the load's error: targets the model lacks, λ's that do not fit its layers.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Number of base-model parameters, to print PEFT's full print_trainable_parameters line.
     #[arg(long)]
     pub base_params: Option<usize>,
@@ -27,86 +32,73 @@ pub struct Args {
     pub json: bool,
 }
 
-struct Verify {
-    stored: bool,
-    fma_diff: usize,
-    default_diff: usize,
-    total: usize,
+/// One problem as printed: the library's finding with the exit code it maps to.
+struct Rendered {
+    severity: Severity,
+    class: &'static str,
+    message: String,
+    exit_code: u8,
 }
 
-fn inspect_one(dir: &Path, args: &Args) -> Result<(Value, Option<Verify>)> {
-    let files: AdapterFiles = checkpoint::read_adapter_dir(dir, &candle_core::Device::Cpu)
-        .with_context(|| format!("reading adapter directory {}", dir.display()))?;
-    let cfg = &files.config;
+fn render(p: Problem) -> Rendered {
+    let (severity, class, message) = (p.severity(), p.class(), p.message());
+    let exit_code = match p {
+        Problem::Error(e) => crate::exit_code_for(&anyhow::Error::new(e)),
+        Problem::Warning(_) | Problem::Info(_) => 0,
+    };
+    Rendered { severity, class, message, exit_code }
+}
+
+fn inspect_one(report: AdapterReport, args: &Args) -> Result<(Value, Vec<Rendered>)> {
     let mut tensors = Vec::new();
-    let mut trainable = 0usize;
-    for (k, t) in &files.tensors {
-        let n: usize = t.tensor.dims().iter().product();
-        if k != PROJ_A_KEY && k != PROJ_B_KEY {
-            trainable += n;
-        }
+    for (k, t) in &report.tensors {
         tensors.push(json!({"name": k, "dtype": t.file_dtype, "shape": t.tensor.dims()}));
     }
-    let verify = if args.verify_projections { Some(verify(&files)?) } else { None };
+    let trainable = report.trainable_params();
+    let config = match &report.config {
+        Some(c) => serde_json::from_str::<Value>(&c.to_json_string())?,
+        None => Value::Null,
+    };
+    let warnings = report.config.as_ref().map(|c| c.save_warnings()).unwrap_or_default();
     let mut v = json!({
-        "dir": dir.display().to_string(),
-        "config": serde_json::from_str::<Value>(&cfg.to_json_string())?,
-        "metadata": files.metadata,
+        "dir": report.dir.display().to_string(),
+        "config": config,
+        "metadata": report.metadata,
         "tensors": tensors,
         "trainable_params": trainable,
-        "warnings": cfg.save_warnings(),
+        "warnings": warnings,
     });
     if let Some(b) = args.base_params {
         v["print_trainable_parameters"] = json!(format_trainable_line(trainable, b + trainable));
     }
-    if let Some(ver) = &verify {
-        v["verify_projections"] = json!({
-            "stored_projections": ver.stored,
-            "elements": ver.total,
-            "differ_fma_kernel": ver.fma_diff,
-            "differ_two_rounding_kernel": ver.default_diff,
-            "identical": ver.stored && ver.fma_diff == 0,
-            "two_rounding_kernel_matches": ver.stored && ver.default_diff == 0,
-        });
+    if args.verify_projections {
+        let stored = report.tensors.contains_key(PROJ_A_KEY) && report.tensors.contains_key(PROJ_B_KEY);
+        v["verify_projections"] = match report.projections {
+            Some(c) => json!({
+                "stored_projections": true,
+                "comparable": true,
+                "elements": c.elements,
+                "differ_fma_kernel": c.differ_fma_kernel,
+                "differ_two_rounding_kernel": c.differ_two_rounding_kernel,
+                "identical": c.differ_fma_kernel == 0,
+                "two_rounding_kernel_matches": c.differ_two_rounding_kernel == 0,
+                "rounded_to": c.rounded_to,
+            }),
+            None => json!({
+                "stored_projections": stored,
+                "comparable": false,
+                "identical": false,
+                "two_rounding_kernel_matches": false,
+            }),
+        };
     }
-    Ok((v, verify))
-}
-
-fn verify(files: &AdapterFiles) -> Result<Verify> {
-    let (Some(a), Some(b)) = (files.tensors.get(PROJ_A_KEY), files.tensors.get(PROJ_B_KEY)) else {
-        return Ok(Verify { stored: false, fma_diff: 0, default_diff: 0, total: 0 });
-    };
-    let a_dims = a.tensor.dims().to_vec();
-    let b_dims = b.tensor.dims().to_vec();
-    anyhow::ensure!(
-        a_dims.len() == 2 && b_dims.len() == 2 && a_dims[0] == 2 * b_dims[1],
-        "{}: pvera_A {:?} and pvera_B {:?} are not (2r, in) and (out, r)",
-        files.weights_path.display(),
-        a_dims,
-        b_dims
-    );
-    let (r, in_max, out_max) = (b_dims[1], a_dims[1], b_dims[0]);
-    let key = files.config.projection_seed();
-    let stored_a = to_f32(&a.tensor)?;
-    let stored_b = to_f32(&b.tensor)?;
-    let diff = |kernel| {
-        let (ga, gb) = generate_raw(key, r, in_max, out_max, kernel);
-        bit_diff(&stored_a, &ga) + bit_diff(&stored_b, &gb)
-    };
-    Ok(Verify {
-        stored: true,
-        fma_diff: diff(TorchKernel::Avx2),
-        default_diff: diff(TorchKernel::Default),
-        total: stored_a.len() + stored_b.len(),
-    })
-}
-
-fn to_f32(t: &candle_core::Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-}
-
-fn bit_diff(x: &[f32], y: &[f32]) -> usize {
-    x.iter().zip(y).filter(|(a, b)| a.to_bits() != b.to_bits()).count() + x.len().abs_diff(y.len())
+    let problems: Vec<Rendered> = report.problems.into_iter().map(render).collect();
+    v["problems"] = problems
+        .iter()
+        .map(|p| json!({"severity": p.severity.as_str(), "class": p.class, "message": p.message, "exit_code": p.exit_code}))
+        .collect();
+    v["would_load"] = json!(!problems.iter().any(|p| p.severity == Severity::Error));
+    Ok((v, problems))
 }
 
 fn sub_adapters(dir: &Path) -> Vec<PathBuf> {
@@ -122,24 +114,42 @@ fn sub_adapters(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Runs the command; returns the exit code.
+/// Runs the command; returns the exit code: the first error's (the one loading would stop at),
+/// else 3 when `--verify-projections` found stored projections that differ, else 0.
 pub fn run(args: Args) -> Result<u8> {
+    let model = match &args.model {
+        Some(m) => {
+            let resolved = resolve_model_dir(m)?;
+            Some(ModelDir::open(&resolved)?)
+        }
+        None => None,
+    };
     let mut dirs = Vec::new();
     if args.dir.join(checkpoint::CONFIG_NAME).is_file() {
         dirs.push(args.dir.clone());
     }
     dirs.extend(sub_adapters(&args.dir));
     if dirs.is_empty() {
-        // Let the library produce its precise error for the top directory.
+        // The checks report precisely what is missing in the top directory.
         dirs.push(args.dir.clone());
     }
     let mut reports = Vec::new();
+    let mut first_error: Option<(PathBuf, Rendered, usize)> = None;
     let mut mismatch = false;
     for d in &dirs {
-        let (v, ver) = inspect_one(d, &args)?;
-        if let Some(ver) = ver {
-            if ver.stored && ver.fma_diff != 0 {
-                mismatch = true;
+        let report = match &model {
+            Some(m) => validate::validate_with_model(d, m)
+                .with_context(|| format!("building the model of --model {}", m.path.display()))?,
+            None => validate::validate_adapter_dir(d),
+        };
+        if report.projections.is_some_and(|c| c.differ_fma_kernel != 0) {
+            mismatch = true;
+        }
+        let (v, problems) = inspect_one(report, &args)?;
+        let n_errors = problems.iter().filter(|p| p.severity == Severity::Error).count();
+        if first_error.is_none() {
+            if let Some(p) = problems.into_iter().find(|p| p.severity == Severity::Error) {
+                first_error = Some((d.clone(), p, n_errors));
             }
         }
         reports.push(v);
@@ -152,16 +162,28 @@ pub fn run(args: Args) -> Result<u8> {
             print_human(v);
         }
     }
-    Ok(if mismatch { 3 } else { 0 })
+    if let Some((dir, p, n)) = first_error {
+        eprintln!(
+            "error: {}: the adapter would not load ({n} error(s); first: {}); all problems are listed \
+             above",
+            dir.display(),
+            p.message
+        );
+        return Ok(p.exit_code);
+    }
+    Ok(if args.verify_projections && mismatch { 3 } else { 0 })
 }
 
 fn print_human(v: &Value) {
     println!("adapter: {}", v["dir"].as_str().unwrap_or(""));
     println!("config:");
-    if let Some(obj) = v["config"].as_object() {
-        for (k, val) in obj {
-            println!("  {k:<26} {val}");
+    match v["config"].as_object() {
+        Some(obj) => {
+            for (k, val) in obj {
+                println!("  {k:<26} {val}");
+            }
         }
+        None => println!("  (unreadable: see the problems below)"),
     }
     println!("tensors:");
     if let Some(ts) = v["tensors"].as_array() {
@@ -190,41 +212,73 @@ fn print_human(v: &Value) {
         }
     }
     if let Some(ver) = v.get("verify_projections") {
-        if !ver["stored_projections"].as_bool().unwrap_or(false) {
-            println!(
-                "verify-projections: the file stores no pvera_A/pvera_B (save_projection=false); \
-                 they are regenerated from projection_prng_key on load; nothing to compare"
-            );
-        } else {
-            let total = ver["elements"].as_u64().unwrap_or(0);
-            let fma = ver["differ_fma_kernel"].as_u64().unwrap_or(0);
-            let dflt = ver["differ_two_rounding_kernel"].as_u64().unwrap_or(0);
-            if fma == 0 {
-                println!(
-                    "verify-projections: IDENTICAL: all {total} elements equal the projections \
-                     regenerated from projection_prng_key (PyTorch AVX2/FMA kernel); \
-                     save_projection=false is safe for this adapter"
-                );
-            } else {
-                println!(
-                    "verify-projections: DIFFERENT: {fma} of {total} elements differ from the \
-                     projections regenerated with PyTorch's AVX2/FMA kernel"
-                );
-                if dflt == 0 {
-                    println!(
-                        "  the two-rounding (ATEN_CPU_CAPABILITY=default) kernel reproduces them \
-                         exactly: the adapter was made on a CPU without AVX2; keep \
-                         save_projection=true, or load with the two-rounding kernel"
-                    );
-                } else {
-                    println!(
-                        "  the two-rounding kernel differs too ({dflt} elements): the projections \
-                         were not drawn from this key (or were trained/modified); keep \
-                         save_projection=true"
-                    );
-                }
+        print_verify(ver);
+    }
+    match v["problems"].as_array() {
+        Some(ps) if !ps.is_empty() => {
+            println!("problems:");
+            for p in ps {
+                let sev = p["severity"].as_str().unwrap_or("");
+                let class = p["class"].as_str().unwrap_or("");
+                let code = match p["exit_code"].as_u64() {
+                    Some(c) if c != 0 => format!(", exit {c}"),
+                    _ => String::new(),
+                };
+                println!("  {sev} [{class}{code}]: {}", p["message"].as_str().unwrap_or(""));
             }
         }
+        _ => println!("problems: none"),
     }
     println!();
+}
+
+fn print_verify(ver: &Value) {
+    if !ver["stored_projections"].as_bool().unwrap_or(false) {
+        println!(
+            "verify-projections: the file stores no pvera_A/pvera_B (save_projection=false); \
+             they are regenerated from projection_prng_key on load; nothing to compare"
+        );
+        return;
+    }
+    if !ver["comparable"].as_bool().unwrap_or(false) {
+        println!(
+            "verify-projections: pvera_A/pvera_B do not have the shapes (2r, in_max) and (out_max, r) \
+             (see the problems below); nothing to compare"
+        );
+        return;
+    }
+    let total = ver["elements"].as_u64().unwrap_or(0);
+    let fma = ver["differ_fma_kernel"].as_u64().unwrap_or(0);
+    let dflt = ver["differ_two_rounding_kernel"].as_u64().unwrap_or(0);
+    if fma == 0 {
+        println!(
+            "verify-projections: IDENTICAL: all {total} elements equal the projections \
+             regenerated from projection_prng_key (PyTorch AVX2/FMA kernel); \
+             save_projection=false is safe for this adapter"
+        );
+        return;
+    }
+    println!(
+        "verify-projections: DIFFERENT: {fma} of {total} elements differ from the \
+         projections regenerated with PyTorch's AVX2/FMA kernel"
+    );
+    if let Some(dtype) = ver["rounded_to"].as_str() {
+        println!(
+            "  they equal the regenerated projections rounded to {dtype}: the adapter was saved from a model in \
+             {dtype} (PEFT casts the projections with the model); keep save_projection=true for \
+             identical outputs"
+        );
+    } else if dflt == 0 {
+        println!(
+            "  the two-rounding (ATEN_CPU_CAPABILITY=default) kernel reproduces them \
+             exactly: the adapter was made on a CPU without AVX2; keep \
+             save_projection=true, or load with the two-rounding kernel"
+        );
+    } else {
+        println!(
+            "  the two-rounding kernel differs too ({dflt} elements): the projections \
+             were not drawn from this key (or were trained/modified); keep \
+             save_projection=true"
+        );
+    }
 }

@@ -44,8 +44,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Print an adapter directory's config, tensors and parameter counts; optionally verify
-    /// that the stored projections equal the ones regenerated from `projection_prng_key`.
+    /// Print an adapter directory's config, tensors and parameter counts, and every problem that
+    /// would keep it from loading; optionally verify that the stored projections equal the ones
+    /// regenerated from `projection_prng_key`.
     Inspect(inspect::Args),
     /// Run a model (with PEFT adapters) on a tensor file of inputs; write the outputs.
     Infer(infer::InferArgs),

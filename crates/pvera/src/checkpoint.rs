@@ -107,31 +107,9 @@ pub struct AdapterFiles {
 
 /// Reads an adapter directory (config + safetensors), validating the file structure.
 pub fn read_adapter_dir(dir: &Path, device: &Device) -> Result<AdapterFiles> {
-    if !dir.is_dir() {
-        return Err(Error::io(
-            dir,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "adapter directory not found (expected a folder with adapter_config.json and \
-                 adapter_model.safetensors, as PEFT's save_pretrained writes)",
-            ),
-        ));
-    }
+    check_adapter_dir(dir)?;
     let config = PveraConfig::from_dir(dir)?;
-    let weights_path = dir.join(WEIGHTS_NAME);
-    if !weights_path.exists() {
-        let hint = if dir.join(LEGACY_WEIGHTS_NAME).exists() {
-            " (found adapter_model.bin: a pickle file PEFT writes with safe_serialization=False; \
-             pvera reads only safetensors: re-save it in Python with save_pretrained(dir) or \
-             safetensors.torch.save_file)"
-        } else {
-            ""
-        };
-        return Err(Error::io(
-            &weights_path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, format!("adapter weights not found{hint}")),
-        ));
-    }
+    let weights_path = weights_file(dir)?;
     let (tensors, metadata) = read_safetensors(&weights_path, device)?;
     Ok(AdapterFiles { config, tensors, metadata, weights_path })
 }
@@ -157,17 +135,10 @@ pub fn parse_safetensors(
     file: &str,
     device: &Device,
 ) -> Result<(BTreeMap<String, StoredTensor>, HashMap<String, String>)> {
-    let invalid = |e: safetensors::SafeTensorError| Error::Safetensors {
-        file: file.to_string(),
-        reason: format!("{e} ({SAFETENSORS_FIX})"),
-    };
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(invalid)?;
-    let metadata = meta.metadata().clone().unwrap_or_default();
-    let st = safetensors::SafeTensors::deserialize(bytes).map_err(invalid)?;
+    let (each, metadata) = parse_safetensors_each(bytes, file, device)?;
     let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let t = view_to_tensor(&view, file, &name, device)?;
-        out.insert(name, StoredTensor { tensor: t, file_dtype: format!("{:?}", view.dtype()) });
+    for (name, t) in each {
+        out.insert(name, t?);
     }
     Ok((out, metadata))
 }
@@ -345,4 +316,128 @@ pub fn take_classifier_head(files: &mut AdapterFiles) -> Option<HeadTensors> {
         return Some(HeadTensors { module: module.to_string(), weight, bias });
     }
     None
+}
+
+/// Checks that `dir` is a directory, with the error [`read_adapter_dir`] gives when it is not.
+pub fn check_adapter_dir(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Err(Error::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "adapter directory not found (expected a folder with adapter_config.json and \
+                 adapter_model.safetensors, as PEFT's save_pretrained writes)",
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `dir/adapter_model.safetensors` if it exists; otherwise the error [`read_adapter_dir`] gives
+/// (naming a legacy `adapter_model.bin` when there is one).
+pub fn weights_file(dir: &Path) -> Result<PathBuf> {
+    let weights_path = dir.join(WEIGHTS_NAME);
+    if !weights_path.exists() {
+        let hint = if dir.join(LEGACY_WEIGHTS_NAME).exists() {
+            " (found adapter_model.bin: a pickle file PEFT writes with safe_serialization=False; \
+             pvera reads only safetensors: re-save it in Python with save_pretrained(dir) or \
+             safetensors.torch.save_file)"
+        } else {
+            ""
+        };
+        return Err(Error::io(
+            &weights_path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("adapter weights not found{hint}")),
+        ));
+    }
+    Ok(weights_path)
+}
+
+/// One tensor of a file: its values, or why they cannot be read (an unsupported dtype).
+pub type EachTensor = (String, Result<StoredTensor>);
+
+/// Like [`parse_safetensors`], but a tensor of an unsupported dtype does not stop the others
+/// from being read: every tensor comes back with its own result. Errors of
+/// the file as a whole (header, offsets) still fail the call.
+pub fn parse_safetensors_each(
+    bytes: &[u8],
+    file: &str,
+    device: &Device,
+) -> Result<(Vec<EachTensor>, HashMap<String, String>)> {
+    let invalid = |e: safetensors::SafeTensorError| Error::Safetensors {
+        file: file.to_string(),
+        reason: format!("{e} ({SAFETENSORS_FIX})"),
+    };
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(invalid)?;
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(invalid)?;
+    let each = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let t = view_to_tensor(&view, file, &name, device)
+                .map(|tensor| StoredTensor { tensor, file_dtype: format!("{:?}", view.dtype()) });
+            (name, t)
+        })
+        .collect();
+    Ok((each, metadata))
+}
+
+/// What a key of an adapter file holds: the reverse of [`lambda_b_key`], [`lambda_d_key`],
+/// [`bias_key`] and [`module_param_key`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind<'a> {
+    /// `pvera_lambda_b` (`'b'`) or `pvera_lambda_d` (`'d'`) of the module at `path`.
+    Lambda {
+        /// Module path (after `base_model.model.`).
+        path: &'a str,
+        /// `'b'` or `'d'`.
+        which: char,
+    },
+    /// [`PROJ_A_KEY`].
+    ProjectionA,
+    /// [`PROJ_B_KEY`].
+    ProjectionB,
+    /// `<path>.base_layer.bias`: the trainable bias of an adapted layer (`bias` != `none`).
+    TargetedBias {
+        /// Module path of the adapted layer.
+        path: &'a str,
+    },
+    /// `<path>.weight` or `<path>.bias`: a `modules_to_save` parameter, or the bias of a layer
+    /// that is not adapted (`bias="all"`).
+    ModuleParam {
+        /// Module path.
+        path: &'a str,
+        /// `weight` or `bias`.
+        param: &'a str,
+    },
+    /// Anything else: no PVeRA adapter file has such a key.
+    Other,
+}
+
+/// Classifies a key of an adapter file (see [`KeyKind`]).
+pub fn classify_key(key: &str) -> KeyKind<'_> {
+    if key == PROJ_A_KEY {
+        return KeyKind::ProjectionA;
+    }
+    if key == PROJ_B_KEY {
+        return KeyKind::ProjectionB;
+    }
+    if let Some((path, which)) = parse_lambda_key(key) {
+        return KeyKind::Lambda { path, which };
+    }
+    let Some(rest) = key.strip_prefix(MODEL_PREFIX) else {
+        return KeyKind::Other;
+    };
+    if let Some(path) = rest.strip_suffix(".base_layer.bias") {
+        return KeyKind::TargetedBias { path };
+    }
+    for param in ["weight", "bias"] {
+        if let Some(path) = rest.strip_suffix(param).and_then(|p| p.strip_suffix('.')) {
+            if !path.is_empty() {
+                return KeyKind::ModuleParam { path, param };
+            }
+        }
+    }
+    KeyKind::Other
 }

@@ -20,6 +20,7 @@
 //! - [`uncertainty`]: Monte Carlo prediction, intervals, calibration, OOD scores.
 //! - [`predictor`]: [`Predictor`], model + classifier adapters + task metadata -> predictions
 //!   with uncertainty (the path every front end shares).
+//! - [`validate`]: every load check that needs no model, all problems of an adapter directory.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
@@ -39,6 +40,7 @@ pub mod state;
 pub mod targets;
 pub mod train;
 pub mod uncertainty;
+pub mod validate;
 
 pub use config::PveraConfig;
 pub use error::{Error, Result};

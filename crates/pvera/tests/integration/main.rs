@@ -15,3 +15,4 @@ mod peft_parity;
 mod predictor;
 mod train;
 mod uncertainty;
+mod validate;
