@@ -11,6 +11,13 @@
 //!   and its JSON record.
 //! - [`evaluation`]: a labelled evaluation (both modes' calibration, misclassification and OOD
 //!   AUROCs, interval widths), the figures of `pvera eval`.
+//! - [`temperature`]: temperature scaling of mean-mode and Monte Carlo logits (fit and apply).
+//! - [`conformal`]: split-conformal LAC / APS / RAPS thresholds and prediction sets (MAPIE-exact),
+//!   coverage and set size.
+//! - [`selective`]: AURC, selective risk at a coverage, FPR at a recall, adaptive ECE
+//!   (torch-uncertainty's definitions).
+//! - [`calibration_file`]: `calibration.json` (temperatures and thresholds per mode, split, seed,
+//!   adapter hash).
 //!
 //! Which layers sample is chosen per run ([`McConfig::sampling`]: every adapted layer, or those
 //! whose `sample_at_inference` is on), per adapter and per layer at run time
@@ -19,18 +26,32 @@
 //! 0.21.2 only tests the dict for truthiness, spec §9.1).
 
 pub mod calibration;
+pub mod calibration_file;
+pub mod conformal;
 pub mod evaluation;
 pub mod mc;
 pub mod ood;
 pub mod prediction;
+pub mod selective;
 pub mod stats;
+pub mod temperature;
 
 pub use calibration::{calibration, reliability_svg, Calibration, ReliabilityBin};
+pub use calibration_file::{CalibrationFile, CalibrationSplit, ModeCalibration, CALIBRATION_FILE};
+pub use conformal::{
+    empirical_coverage, mean_set_size, set_summary, ConformalFit, ConformalOptions, ConformalScore, ConformalThreshold,
+    LastLabel, SetSummary,
+};
 pub use evaluation::{evaluate, ood_auroc, Evaluation, McExtra, ModeScores};
 pub use mc::{mc_predict, mean_predict, McConfig, McInput, McMode, McOutput};
 pub use prediction::Prediction;
 pub use ood::{auroc, OodScores};
+pub use selective::{adaptive_ece, fpr95, selective, AdaptiveCalibration, Selective};
 pub use stats::{input_stats, mean_confidence_interval, t_quantile, InputStats};
+pub use temperature::{
+    apply_temperature, apply_temperature_mc, fit_temperature, fit_temperature_mc, SampledLogits, TemperatureFit,
+    TemperatureOptions,
+};
 
 use crate::error::Result;
 

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod common;
+mod conformal;
 mod crash_safety;
 mod data;
 mod error_catalogue;
