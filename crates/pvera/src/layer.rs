@@ -606,15 +606,25 @@ impl Site {
     }
 
     /// Drops every adapter and module copy (after an optional merge), leaving a plain layer.
-    pub fn strip_adapters(&self) -> Result<()> {
+    /// When one of `active` has a module copy here (`modules_to_save`), the first such copy
+    /// becomes the layer, the one the forward pass used: PEFT's unloading of a
+    /// `ModulesToSaveWrapper` keeps `modules_to_save[active_adapter]`. Returns the adapter whose
+    /// copy was kept.
+    pub fn strip_adapters(&self, active: &[String]) -> Result<Option<String>> {
         let mut g = self.write()?;
+        let kept = active.iter().find(|a| g.copies.contains_key(a.as_str())).cloned();
+        if let Some(copy) = kept.as_deref().and_then(|a| g.copies.remove(a)) {
+            g.weight = gemm_layout(copy.weight.as_detached_tensor(), self.kind)?;
+            g.bias = copy.bias.map(|b| b.as_detached_tensor());
+            g.bias_var = None;
+        }
         g.adapters.clear();
         g.merged.clear();
         g.copies.clear();
         if let Some(v) = g.bias_var.take() {
             g.bias = Some(v.as_detached_tensor());
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// `x2 · Wᵀ + b` (Conv1D: `x2 · W + b`). `frozen`: the weight needs no gradient (the base

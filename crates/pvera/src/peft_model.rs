@@ -1077,23 +1077,73 @@ impl<M> PeftModel<M> {
     }
 
     /// `merge_and_unload(safe_merge, adapter_names)`: merges, then strips every adapter; returns
-    /// the plain model and its registry.
+    /// the plain model and its registry. As in PEFT, a layer in `modules_to_save` becomes the
+    /// active adapter's trained copy, so the registry's base tensors are the merged model's.
+    /// Refused (nothing changed) when an active adapter's file holds trained values for base
+    /// tensors that pvera does not apply (see [`PeftModel::unapplied_module_tensors`]): the merged
+    /// model would silently lack them.
     pub fn merge_and_unload(mut self, safe: bool, adapters: Option<&[&str]>) -> Result<(M, Registry)> {
+        self.check_unloadable("merge_and_unload")?;
         self.merge_adapter(adapters, safe)?;
         self.strip_all()?;
         Ok((self.model, self.registry))
     }
 
     /// `unload()`: strips every adapter without merging (weights already merged stay merged,
-    /// as in PEFT).
+    /// as in PEFT); `modules_to_save` layers keep the active adapter's copy, as in PEFT. Refused
+    /// like [`PeftModel::merge_and_unload`].
     pub fn unload(mut self) -> Result<(M, Registry)> {
+        self.check_unloadable("unload")?;
         self.strip_all()?;
         Ok((self.model, self.registry))
     }
 
+    /// Keys of the active adapters' files that hold values for tensors this model has but pvera
+    /// does not apply: `modules_to_save` entries naming a module that is not a single linear
+    /// layer (e.g. a whole `pooler` or a LayerNorm). Such values are kept for saving but take no
+    /// part in the forward pass, and unloading would drop them.
+    pub fn unapplied_module_tensors(&self) -> Vec<String> {
+        let mut base: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let forms = self.name_forms();
+        for p in self.registry.params() {
+            let Some((module, leaf)) = p.name.rsplit_once('.') else { continue };
+            for f in &forms {
+                if let Some(n) = self.form_name(f, module) {
+                    base.insert(checkpoint::module_param_key(&n, leaf));
+                }
+            }
+        }
+        let active = self.state().active_adapters();
+        let mut out = Vec::new();
+        for (name, info) in &self.adapters {
+            if active.contains(name) {
+                out.extend(info.passthrough.keys().filter(|k| base.contains(k.as_str())).cloned());
+            }
+        }
+        out
+    }
+
+    fn check_unloadable(&self, what: &str) -> Result<()> {
+        let keys = self.unapplied_module_tensors();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&str> = keys.iter().take(6).map(String::as_str).collect();
+        Err(Error::Adapter(format!(
+            "{what}: the adapter holds trained values for {} tensor(s) of this model that pvera does not \
+             apply ({}{}): their modules_to_save entries name modules that are not a single linear layer, so \
+             the unloaded model would silently keep the base values. List the linear layers themselves in \
+             modules_to_save (e.g. \"pooler.dense\" rather than \"pooler\"), or merge with PEFT",
+            keys.len(),
+            shown.join(", "),
+            if keys.len() > shown.len() { ", ..." } else { "" }
+        )))
+    }
+
     fn strip_all(&mut self) -> Result<()> {
+        let active = self.state().active_adapters();
         for lin in self.registry.sites() {
-            lin.site().strip_adapters()?;
+            lin.site().strip_adapters(&active)?;
         }
         self.adapters.clear();
         self.order.clear();
