@@ -22,7 +22,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor, Var};
 
 use crate::checkpoint::{self, AdapterFiles, PROJ_A_KEY, PROJ_B_KEY};
-use crate::config::{Bias, PveraConfig, TargetModules};
+use crate::config::{Bias, LayersToTransform, PveraConfig, TargetModules};
 use crate::error::{Error, Result};
 use crate::inject::{ModelInfo, Registry};
 use crate::layer::{count_non_finite, Linear, SlotSpec};
@@ -338,6 +338,7 @@ impl<M> PeftModel<M> {
             .cloned()
             .collect();
         if matched.is_empty() {
+            self.layer_filter_matched_none(config)?;
             let patterns = match &config.target_modules {
                 Some(TargetModules::List(l)) => format!("target_modules {l:?}"),
                 Some(TargetModules::Regex(r)) => format!("target_modules regex {r:?} (full match)"),
@@ -354,6 +355,48 @@ impl<M> PeftModel<M> {
             return Err(Error::NoTargetMatched { patterns, known });
         }
         Ok(matched)
+    }
+
+    /// When `target_modules` selects layers but `layers_to_transform` keeps none of them, the
+    /// error names the layer filter and the indices that exist, not the targets.
+    fn layer_filter_matched_none(&self, config: &PveraConfig) -> Result<()> {
+        let Some(filter) = config.layers_to_transform.as_ref().filter(|l| l.is_filter()) else { return Ok(()) };
+        let unfiltered = PveraConfig { layers_to_transform: None, ..config.clone() };
+        let matcher = TargetMatcher::new(&unfiltered)?;
+        let mut indices = std::collections::BTreeSet::new();
+        let mut any = false;
+        for lin in self.registry.sites() {
+            // Every naming form counts: the filtered match accepts a site under any of them.
+            for n in self.all_names(lin.site().path()).iter().filter(|n| matcher.matches(n)) {
+                any = true;
+                indices.extend(targets::layer_index(n, config.layers_pattern.as_ref()));
+            }
+        }
+        if !any {
+            return Ok(());
+        }
+        let asked = match filter {
+            LayersToTransform::One(i) => i.to_string(),
+            LayersToTransform::Many(v) => format!("{v:?}"),
+        };
+        let pattern = match &config.layers_pattern {
+            Some(p) if !p.is_empty() => format!(" under layers_pattern {:?}", p.patterns()),
+            _ => String::new(),
+        };
+        let reason = if indices.is_empty() {
+            format!(
+                "{asked} selects no layer: none of the modules that target_modules matches has a layer \
+                 index{pattern}; drop layers_to_transform or set layers_pattern to the name of the layer list"
+            )
+        } else {
+            let list: Vec<String> = indices.iter().map(i64::to_string).collect();
+            format!(
+                "{asked} selects no layer: the modules that target_modules matches are in layers {}{pattern}; \
+                 pick indices among those",
+                list.join(", ")
+            )
+        };
+        Err(Error::config("layers_to_transform", reason))
     }
 
     /// PEFT's `_check_new_adapter_config` against the existing adapters.
@@ -978,8 +1021,7 @@ impl<M> PeftModel<M> {
             if let Some(k) = used.iter().position(|u| !u) {
                 return Err(Error::Adapter(format!(
                     "set_sample_at_inference: no layer of adapter `{adapter}` matches module `{}`; adapted layers: {:?}",
-                    ms[k],
-                    self.registry.sites().iter().map(|l| l.site().path()).collect::<Vec<_>>()
+                    ms[k], self.adapters[adapter].targets
                 )));
             }
         }
