@@ -1305,7 +1305,7 @@ impl<M> PeftModel<M> {
     /// `save_pretrained(dir)`: every adapter (or the named ones), `default` in `dir`, others in
     /// `dir/<name>`; atomic per file. Returns warnings (e.g. a sample_at_inference dict PEFT
     /// will misread).
-    pub fn save_pretrained(&mut self, dir: &Path, adapters: Option<&[&str]>) -> Result<Warnings> {
+    pub fn save_pretrained(&self, dir: &Path, adapters: Option<&[&str]>) -> Result<Warnings> {
         let names: Vec<String> = match adapters {
             Some(a) => a.iter().map(|s| s.to_string()).collect(),
             None => self.adapter_names(),

@@ -152,9 +152,12 @@ impl TrainData for SplitData {
         self.train.len().div_ceil(self.batch_size)
     }
     fn train_batches(&mut self, epoch: usize) -> Result<Batches<'_, Batch>> {
+        self.train_batches_from(epoch, 0)
+    }
+    fn train_batches_from(&mut self, epoch: usize, skip: usize) -> Result<Batches<'_, Batch>> {
         let order = shuffled_indices(self.train.len(), self.seed, epoch);
         let idx: Vec<usize> = order.into_iter().map(|i| self.train[i]).collect();
-        let chunks: Vec<Vec<usize>> = idx.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
+        let chunks: Vec<Vec<usize>> = idx.chunks(self.batch_size).skip(skip).map(<[usize]>::to_vec).collect();
         let data = self.data.clone();
         Ok(Box::new(chunks.into_iter().map(move |c| data.get_batch(&c))))
     }

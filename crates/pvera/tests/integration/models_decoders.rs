@@ -242,7 +242,7 @@ fn decoder_site_paths_are_peft_module_names() {
         let case = Case::load(&name);
         for (dir, trained_on, _) in case.adapters() {
             let (peft_tensors, _) = checkpoint::read_safetensors(&dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
-            let mut pm = peft(&case, &dir).unwrap();
+            let pm = peft(&case, &dir).unwrap();
             if trained_on == case.class() {
                 for k in peft_tensors.keys() {
                     if let Some(path) = k.strip_prefix("base_model.model.").and_then(|k| k.strip_suffix(".pvera_lambda_b")) {
