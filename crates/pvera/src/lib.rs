@@ -31,6 +31,8 @@ pub mod ops;
 mod simd;
 pub mod peft_model;
 pub mod projection;
+mod pyjson;
+mod pyregex;
 pub mod rng;
 pub mod state;
 pub mod targets;
