@@ -18,9 +18,11 @@ use crate::state::RunState;
 
 pub mod bert;
 pub mod common;
+pub mod config_json;
 pub mod dinov2;
 pub mod gpt2;
 pub mod heads;
+pub mod interpolate;
 pub mod llama;
 pub mod loader;
 pub mod mlp;
