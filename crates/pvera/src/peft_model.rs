@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::inject::{ModelInfo, Registry};
 use crate::layer::{count_non_finite, Linear, SlotSpec};
 use crate::projection::{count_bit_differences, Projections};
-use crate::rng::TorchKernel;
+use crate::rng::{splitmix64_mix, TorchKernel};
 use crate::state::{Mode, NoisePolicy, RunState};
 use crate::targets::{self, TargetMatcher};
 
@@ -106,10 +106,7 @@ fn mix_seed(seed: u64, path: &str) -> u64 {
         h ^= b as u64;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    let mut z = seed ^ h;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    splitmix64_mix(seed ^ h)
 }
 
 impl<M> PeftModel<M> {

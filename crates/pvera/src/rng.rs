@@ -80,6 +80,16 @@ const MASK_53: u64 = (1 << 53) - 1;
 /// `torch.Generator().get_state()`.
 pub const TORCH_STATE_SIZE: usize = 5056;
 
+/// The output function of splitmix64 (Steele, Lea and Flood; Vigna's constants): a bijective mix
+/// of 64 bits in which every input bit affects every output bit. pvera derives seeds with it
+/// (not a torch algorithm): per-epoch layer seeds in the trainer, per-layer seeds under
+/// [`crate::NoisePolicy::Independent`].
+pub fn splitmix64_mix(z: u64) -> u64 {
+    let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Which of torch's two x86 kernel builds to reproduce.
 ///
 /// PyTorch compiles its CPU distribution kernels once per CPU capability. An
@@ -312,6 +322,29 @@ impl TorchGenerator {
         let hi = u64::from(self.engine.next_u32());
         let lo = u64::from(self.engine.next_u32());
         (hi << 32) | lo
+    }
+
+    /// `torch.randperm(n, generator=g)` on the CPU (aten's `randperm_cpu`): for
+    /// `n < 2^32 / 20` a Fisher–Yates pass drawing `random() % (n - i)` for each position,
+    /// otherwise the "inside-out" variant with `random64() % (i + 1)`. Advances the generator as
+    /// torch does, so a data split or an epoch's shuffle equals PyTorch's.
+    pub fn randperm(&mut self, n: usize) -> Vec<usize> {
+        if (n as u64) < u64::from(u32::MAX) / 20 {
+            let mut r: Vec<usize> = (0..n).collect();
+            for i in 0..n.saturating_sub(1) {
+                let z = (u64::from(self.random()) % (n - i) as u64) as usize;
+                r.swap(i, z + i);
+            }
+            r
+        } else {
+            let mut r = vec![0usize; n];
+            for i in 0..n {
+                let z = (self.random64() % (i as u64 + 1)) as usize;
+                r[i] = r[z];
+                r[z] = i;
+            }
+            r
+        }
     }
 
     /// A float in `[0, 1)` from the low 24 bits of one engine output.

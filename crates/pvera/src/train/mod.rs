@@ -19,7 +19,7 @@ pub mod trainer;
 pub use optim::{AdamW, AdamWConfig, GradAccumulator, Gradients};
 pub use schedule::{Schedule, ScheduleKind, Warmup};
 pub use trainer::{
-    epoch_seed, load_adapter_weights, randperm, shuffled_indices, Batches, CheckpointKind, EpochMetrics,
+    epoch_seed, load_adapter_weights, shuffled_indices, Batches, CheckpointKind, EpochMetrics,
     IndexedData, Monitor, Split, StepOutput, StopReason, Task, TrainConfig, TrainData, TrainEvent,
     TrainReport, Trainer, TRAINER_STATE_NAME,
 };

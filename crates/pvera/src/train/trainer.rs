@@ -44,7 +44,7 @@ use super::schedule::{Schedule, ScheduleKind, Warmup};
 use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::peft_model::{NamedVar, PeftModel};
-use crate::rng::TorchGenerator;
+use crate::rng::{splitmix64_mix, TorchGenerator};
 
 // =================================================================================================
 // Task and data
@@ -153,32 +153,10 @@ where
 }
 
 /// The order of `n` examples in epoch `epoch`:
-/// `torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))` exactly (torch's
-/// CPU algorithm: a Fisher–Yates pass with `random() % (n - i)`, and the inside-out variant with
-/// `random64()` for `n >= 2^32 / 20`). The same seed and epoch always give the same order.
+/// `torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))` exactly
+/// ([`TorchGenerator::randperm`]). The same seed and epoch always give the same order.
 pub fn shuffled_indices(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut g = TorchGenerator::new(seed.wrapping_add(epoch as u64));
-    randperm(n, &mut g)
-}
-
-/// `torch.randperm(n, generator=g)` on the CPU.
-pub fn randperm(n: usize, g: &mut TorchGenerator) -> Vec<usize> {
-    if (n as u64) < u64::from(u32::MAX) / 20 {
-        let mut r: Vec<usize> = (0..n).collect();
-        for i in 0..n.saturating_sub(1) {
-            let z = (u64::from(g.random()) % (n - i) as u64) as usize;
-            r.swap(i, z + i);
-        }
-        r
-    } else {
-        let mut r = vec![0usize; n];
-        for i in 0..n {
-            let z = (g.random64() % (i as u64 + 1)) as usize;
-            r[i] = r[z];
-            r[z] = i;
-        }
-        r
-    }
+    TorchGenerator::new(seed.wrapping_add(epoch as u64)).randperm(n)
 }
 
 /// The seed of a layer's own noise generator in epoch `epoch`: `seed` itself in epoch 0, a
@@ -190,11 +168,9 @@ pub fn epoch_seed(seed: u64, epoch: usize) -> u64 {
     splitmix64(seed ^ splitmix64(epoch as u64))
 }
 
+/// One splitmix64 step: the golden-ratio increment, then the output mix.
 fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    splitmix64_mix(x.wrapping_add(0x9e37_79b9_7f4a_7c15))
 }
 
 // =================================================================================================
