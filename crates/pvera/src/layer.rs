@@ -1,6 +1,6 @@
 //! The adaptable linear site and the PVeRA math.
 //!
-//! Every linear layer a model asks the [`crate::inject::Builder`] for is a [`Linear`]: a cheap
+//! Every linear layer a model asks the [`crate::builder::Builder`] for is a [`Linear`]: a cheap
 //! handle (`Arc`) to a [`Site`] that holds the frozen base weight and a slot per adapter. The same
 //! `Arc` sits in the model and in the builder's registry, so [`crate::PeftModel`] can add, merge,
 //! switch and delete adapters without rebuilding the model.

@@ -24,7 +24,7 @@ use candle_core::{DType, Tensor, Var};
 use crate::checkpoint::{self, AdapterFiles, PROJ_A_KEY, PROJ_B_KEY};
 use crate::config::{Bias, LayersToTransform, PveraConfig, TargetModules};
 use crate::error::{Error, Result};
-use crate::inject::{ModelInfo, Registry};
+use crate::builder::{ModelInfo, Registry};
 use crate::layer::{count_non_finite, Linear, SlotSpec};
 use crate::projection::{count_bit_differences, Projections};
 use crate::rng::{splitmix64_mix, TorchKernel};

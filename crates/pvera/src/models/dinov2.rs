@@ -31,7 +31,7 @@ use super::loader::ModelDir;
 use super::vit::{attention_dims, open_weights, PatchEmbeddings, SelfAttention};
 use super::{ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
-use crate::inject::{AltScheme, ModelInfo, Registry};
+use crate::builder::{AltScheme, ModelInfo, Registry};
 use crate::layer::Linear;
 use crate::state::RunState;
 

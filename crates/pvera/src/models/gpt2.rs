@@ -21,7 +21,7 @@ use super::llama::{check_ids, check_token_inputs, decoder_layout, CausalMask, He
 use super::loader::ModelDir;
 use super::{ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
-use crate::inject::{Builder, ModelInfo, Registry};
+use crate::builder::{Builder, ModelInfo, Registry};
 use crate::layer::Linear;
 use crate::state::RunState;
 

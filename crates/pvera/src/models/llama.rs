@@ -26,7 +26,7 @@ use super::config_json::ConfigJson;
 use super::loader::ModelDir;
 use super::{ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
-use crate::inject::{Builder, ModelInfo, Registry};
+use crate::builder::{Builder, ModelInfo, Registry};
 use crate::layer::Linear;
 use crate::state::RunState;
 

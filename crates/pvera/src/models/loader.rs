@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::config_json::ConfigJson;
 use crate::error::{Error, Result};
-use crate::inject::Builder;
+use crate::builder::Builder;
 use crate::state::RunState;
 
 /// Task prefixes under which transformers' task classes keep the base model.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::inject::{ModelInfo, Registry};
+use crate::builder::{ModelInfo, Registry};
 use crate::state::RunState;
 
 pub mod bert;

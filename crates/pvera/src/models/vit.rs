@@ -28,7 +28,7 @@ use super::interpolate::interpolate_pos_encoding;
 use super::loader::ModelDir;
 use super::{ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
-use crate::inject::{AltScheme, Builder, ModelInfo, Registry};
+use crate::builder::{AltScheme, Builder, ModelInfo, Registry};
 use crate::layer::Linear;
 use crate::state::RunState;
 

@@ -505,7 +505,7 @@ fn adapters_in_task_prefix_or_alternative_naming_load_and_save_back_in_their_for
         std::fs::write(tmp.path().join("adapter_config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
         let (m, reg, mut info) = mlp();
         info.task_prefixes = vec!["net".into()];
-        info.alt_schemes = vec![pvera::inject::AltScheme { name: "fc", map: alt_lin }];
+        info.alt_schemes = vec![pvera::builder::AltScheme { name: "fc", map: alt_lin }];
         let pm = PeftModel::from_pretrained(m, reg, info, tmp.path(), "default", false)
             .unwrap_or_else(|e| panic!("{form}: {e}"));
         assert!(bits_equal(&pm.model().forward(&input()).unwrap(), &want), "{form}");
