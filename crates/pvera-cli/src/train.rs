@@ -17,9 +17,9 @@ use pvera::data::{open_image_classification, Batch, Dataset};
 use pvera::models::heads::{Classifier, Pooling};
 use pvera::models::loader::ModelDir;
 use pvera::models::AnyModel;
-use pvera::train::tasks::{causal_lm_loss, ClassificationTask, CausalLmTask, SplitData};
+use pvera::train::{causal_lm_loss, CausalLmObjective, ClassificationObjective, SplitData};
 use pvera::train::{
-    load_adapter_weights, EpochMetrics, ScheduleKind, StepOutput, Task, TrainConfig, TrainEvent, TrainReport, Trainer,
+    load_adapter_weights, EpochMetrics, Objective, ScheduleKind, StepOutput, TrainConfig, TrainEvent, TrainReport, Trainer,
     Warmup,
 };
 use pvera::{PeftModel, RunState};
@@ -238,7 +238,7 @@ struct Tracked<T> {
     examples: Cell<usize>,
 }
 
-impl<M, T: Task<M>> Task<M> for Tracked<T> {
+impl<M, T: Objective<M>> Objective<M> for Tracked<T> {
     type Batch = T::Batch;
     fn step(&self, model: &PeftModel<M>, batch: &Self::Batch) -> pvera::Result<StepOutput> {
         let out = self.inner.step(model, batch)?;
@@ -480,7 +480,7 @@ fn run_classification(
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let config = adapter_config(args, true)?;
     let mut pm = PeftModel::new(model, registry, info, config, "default")?;
-    let task = Tracked { inner: ClassificationTask, correct: Cell::new(0), examples: Cell::new(0) };
+    let task = Tracked { inner: ClassificationObjective, correct: Cell::new(0), examples: Cell::new(0) };
     let mut data = SplitData::new(train.data.clone(), plan.train.clone(), plan.val.clone(), args.batch_size, args.seed)?;
     let report = fit(args, tcfg, &mut pm, &task, &mut data)?;
 
@@ -529,7 +529,7 @@ fn run_classification(
         for chunk in idx.chunks(args.batch_size.max(1)) {
             let batch: Batch = set.data.get_batch(chunk)?;
             let logits = pm.model().forward(&batch.inputs)?;
-            let (loss, _) = pvera::train::tasks::classification_loss(&logits, &batch.labels)?;
+            let (loss, _) = pvera::train::classification_loss(&logits, &batch.labels)?;
             loss_sum += loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
             let probs = candle_nn_softmax(&logits)?;
             let p: Vec<Vec<f32>> = probs.to_vec2()?;
@@ -620,7 +620,7 @@ fn run_causal(
         AnyModel::load(dir, dtype, device, state).with_context(|| format!("loading model {}", args.model.display()))?;
     let config = adapter_config(args, false)?;
     let mut pm = PeftModel::new(model, registry, info, config, "default")?;
-    let task = Tracked { inner: CausalLmTask, correct: Cell::new(0), examples: Cell::new(0) };
+    let task = Tracked { inner: CausalLmObjective, correct: Cell::new(0), examples: Cell::new(0) };
     let mut data = SplitData::new(ds.clone(), plan.train.clone(), plan.val.clone(), args.batch_size, args.seed)?;
     let report = fit(args, tcfg, &mut pm, &task, &mut data)?;
     let mut eval_json = serde_json::Value::Null;
@@ -658,7 +658,7 @@ fn fit<M, T>(
     data: &mut SplitData,
 ) -> Result<TrainReport>
 where
-    T: Task<M, Batch = Batch>,
+    T: Objective<M, Batch = Batch>,
 {
     let mut trainer = Trainer::new(tcfg)?;
     if let Some(r) = &args.resume {

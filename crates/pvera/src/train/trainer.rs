@@ -1,6 +1,6 @@
 //! The generic fine-tuning loop.
 //!
-//! A [`Trainer`] drives a [`PeftModel`] with a user-supplied [`Task`] (which turns a batch into a
+//! A [`Trainer`] drives a [`PeftModel`] with a user-supplied [`Objective`] (which turns a batch into a
 //! differentiable loss) over batches from a [`TrainData`] (one iterator per epoch). Per epoch:
 //!
 //! 1. training in train mode: micro-batches, loss = task loss + `kl_weight` · KL (the mean of the
@@ -47,10 +47,10 @@ use crate::peft_model::{NamedVar, PeftModel};
 use crate::rng::{splitmix64_mix, TorchGenerator};
 
 // =================================================================================================
-// Task and data
+// Objective and data
 // =================================================================================================
 
-/// What a task computes for one batch.
+/// What an objective computes for one batch.
 #[derive(Clone, Debug)]
 pub struct StepOutput {
     /// The task loss: a differentiable scalar, the mean over the batch's examples.
@@ -61,11 +61,11 @@ pub struct StepOutput {
     pub correct: Option<usize>,
 }
 
-/// A task: turns a batch into a loss with the model. The same `step` serves training (the
-/// trainer puts the model in train mode and back-propagates the loss) and evaluation (eval
-/// mode, no backward pass).
-pub trait Task<M> {
-    /// The batch type the task consumes.
+/// What training minimises: turns a batch into a loss with the model (the task loss; the trainer
+/// adds β·KL). The same `step` serves training (the trainer puts the model in train mode and
+/// back-propagates the loss) and evaluation (eval mode, no backward pass).
+pub trait Objective<M> {
+    /// The batch type the objective consumes.
     type Batch;
     /// Runs the model on `batch` and returns the loss (and accuracy counts).
     fn step(&self, model: &PeftModel<M>, batch: &Self::Batch) -> Result<StepOutput>;
@@ -76,7 +76,7 @@ pub type Batches<'a, B> = Box<dyn Iterator<Item = Result<B>> + 'a>;
 
 /// Where batches come from: a fresh training iterator per epoch and the validation batches.
 pub trait TrainData {
-    /// The batch type (the task's).
+    /// The batch type (the objective's).
     type Batch;
     /// Number of training micro-batches per epoch (sizes the learning-rate schedule).
     fn num_train_batches(&self) -> usize;
@@ -90,66 +90,6 @@ pub trait TrainData {
     }
     /// The validation batches (empty when there is no validation set).
     fn val_batches(&mut self) -> Result<Batches<'_, Self::Batch>>;
-}
-
-/// Which split a batch is made for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    /// Training examples.
-    Train,
-    /// Validation examples.
-    Validation,
-}
-
-/// [`TrainData`] over indexed examples: training indices shuffled per epoch with
-/// [`shuffled_indices`], cut into batches of `batch_size` (the last one may be smaller),
-/// validation indices in order; `make` turns a split and a list of indices into a batch.
-pub struct IndexedData<B, F>
-where
-    F: FnMut(Split, &[usize]) -> Result<B>,
-{
-    /// Number of training examples.
-    pub n_train: usize,
-    /// Number of validation examples.
-    pub n_val: usize,
-    /// Examples per batch.
-    pub batch_size: usize,
-    /// Shuffling seed.
-    pub seed: u64,
-    /// Builds a batch from example indices.
-    pub make: F,
-}
-
-impl<B, F> IndexedData<B, F>
-where
-    F: FnMut(Split, &[usize]) -> Result<B>,
-{
-    /// Indexed data with the given sizes, batch size and seed.
-    pub fn new(n_train: usize, n_val: usize, batch_size: usize, seed: u64, make: F) -> Self {
-        Self { n_train, n_val, batch_size: batch_size.max(1), seed, make }
-    }
-}
-
-impl<B, F> TrainData for IndexedData<B, F>
-where
-    F: FnMut(Split, &[usize]) -> Result<B>,
-{
-    type Batch = B;
-    fn num_train_batches(&self) -> usize {
-        self.n_train.div_ceil(self.batch_size)
-    }
-    fn train_batches(&mut self, epoch: usize) -> Result<Batches<'_, B>> {
-        let order = shuffled_indices(self.n_train, self.seed, epoch);
-        let chunks: Vec<Vec<usize>> = order.chunks(self.batch_size).map(|c| c.to_vec()).collect();
-        let make = &mut self.make;
-        Ok(Box::new(chunks.into_iter().map(move |c| make(Split::Train, &c))))
-    }
-    fn val_batches(&mut self) -> Result<Batches<'_, B>> {
-        let idx: Vec<usize> = (0..self.n_val).collect();
-        let chunks: Vec<Vec<usize>> = idx.chunks(self.batch_size).map(|c| c.to_vec()).collect();
-        let make = &mut self.make;
-        Ok(Box::new(chunks.into_iter().map(move |c| make(Split::Validation, &c))))
-    }
 }
 
 /// The order of `n` examples in epoch `epoch`:
@@ -294,7 +234,7 @@ pub struct EpochMetrics {
     pub train_loss: f64,
     /// Mean KL over the training micro-batches (`None` when no KL term was recorded).
     pub train_kl: Option<f64>,
-    /// Training accuracy (when the task counts correct predictions).
+    /// Training accuracy (when the objective counts correct predictions).
     pub train_accuracy: Option<f64>,
     /// Training examples seen.
     pub train_examples: usize,
@@ -393,7 +333,7 @@ pub enum TrainEvent {
         examples_per_sec: f64,
         /// Training examples of this epoch so far (this step's included).
         examples: usize,
-        /// Correct predictions among them, when the task counts them (classification).
+        /// Correct predictions among them, when the objective counts them (classification).
         correct: Option<usize>,
     },
     /// An epoch ended (after evaluation).
@@ -849,16 +789,16 @@ impl Trainer {
         }
     }
 
-    /// Trains (or continues training) `model` on `data` with `task`, reporting to `on_event`.
+    /// Trains (or continues training) `model` on `data` with `objective`, reporting to `on_event`.
     pub fn fit<M, T, D>(
         &mut self,
         model: &mut PeftModel<M>,
-        task: &T,
+        objective: &T,
         data: &mut D,
         mut on_event: impl FnMut(TrainEvent),
     ) -> Result<TrainReport>
     where
-        T: Task<M>,
+        T: Objective<M>,
         D: TrainData<Batch = T::Batch>,
     {
         let started = Instant::now();
@@ -910,7 +850,7 @@ impl Trainer {
         }
         model.state().drain_kl()?;
 
-        let result = self.run_epochs(model, task, data, &mut on_event, &plan);
+        let result = self.run_epochs(model, objective, data, &mut on_event, &plan);
         let _ = model.eval();
         let _ = model.state().drain_kl();
         let stop = result?;
@@ -989,13 +929,13 @@ impl Trainer {
     fn run_epochs<M, T, D>(
         &mut self,
         model: &mut PeftModel<M>,
-        task: &T,
+        objective: &T,
         data: &mut D,
         on_event: &mut impl FnMut(TrainEvent),
         plan: &Plan,
     ) -> Result<StopReason>
     where
-        T: Task<M>,
+        T: Objective<M>,
         D: TrainData<Batch = T::Batch>,
     {
         let cfg = self.config.clone();
@@ -1012,12 +952,12 @@ impl Trainer {
             }
             let epoch_started = Instant::now();
             self.reseed_layers(model, epoch)?;
-            let (train, last_lr) = match self.train_epoch(model, task, data, on_event, epoch, plan)? {
+            let (train, last_lr) = match self.train_epoch(model, objective, data, on_event, epoch, plan)? {
                 EpochTraining::Done { sums, last_lr } => (sums, last_lr),
                 EpochTraining::Interrupted => return Ok(StopReason::Interrupted),
             };
             let train_seconds = epoch_started.elapsed().as_secs_f64();
-            let val = self.validate(model, task, data, epoch)?;
+            let val = self.validate(model, objective, data, epoch)?;
 
             let has_val = val.examples > 0;
             let monitor = if has_val { Monitor::ValLoss } else { Monitor::TrainLoss };
@@ -1082,9 +1022,9 @@ impl Trainer {
     }
 
     /// The evaluation after an epoch: eval mode, no autograd graph, the validation batches.
-    fn validate<M, T, D>(&self, model: &PeftModel<M>, task: &T, data: &mut D, epoch: usize) -> Result<Sums>
+    fn validate<M, T, D>(&self, model: &PeftModel<M>, objective: &T, data: &mut D, epoch: usize) -> Result<Sums>
     where
-        T: Task<M>,
+        T: Objective<M>,
         D: TrainData<Batch = T::Batch>,
     {
         model.eval()?;
@@ -1092,9 +1032,9 @@ impl Trainer {
         for batch in data.val_batches()? {
             let batch = batch?;
             // no autograd graph for validation: activations are freed layer by layer
-            let out = model.state().no_grad(|| task.step(model, &batch))??;
+            let out = model.state().no_grad(|| objective.step(model, &batch))??;
             model.state().drain_kl()?;
-            let loss = scalar_f64(&out.loss, "the task's validation loss")?;
+            let loss = scalar_f64(&out.loss, "the objective's validation loss")?;
             if !loss.is_finite() {
                 return Err(self.non_finite(format!("validation loss after epoch {}", epoch + 1), 1, epoch));
             }
@@ -1109,14 +1049,14 @@ impl Trainer {
     fn train_epoch<M, T, D>(
         &mut self,
         model: &mut PeftModel<M>,
-        task: &T,
+        objective: &T,
         data: &mut D,
         on_event: &mut impl FnMut(TrainEvent),
         epoch: usize,
         plan: &Plan,
     ) -> Result<EpochTraining>
     where
-        T: Task<M>,
+        T: Objective<M>,
         D: TrainData<Batch = T::Batch>,
     {
         model.train()?;
@@ -1134,7 +1074,7 @@ impl Trainer {
         let mut batches = data.train_batches_from(epoch, run.micro)?;
         while let Some(batch) = batches.next() {
             run.micro += 1;
-            self.micro_step(model, task, &batch?, epoch, &mut run)?;
+            self.micro_step(model, objective, &batch?, epoch, &mut run)?;
             if run.acc.is_full() {
                 self.optimizer_step(epoch, plan, &mut run, on_event)?;
                 if self.stop_requested() {
@@ -1168,16 +1108,16 @@ impl Trainer {
 
     /// Forward and backward of one micro-batch: the task loss plus β·KL, gradients added to the
     /// accumulator, the running sums updated.
-    fn micro_step<M, T: Task<M>>(
+    fn micro_step<M, T: Objective<M>>(
         &self,
         model: &PeftModel<M>,
-        task: &T,
+        objective: &T,
         batch: &T::Batch,
         epoch: usize,
         run: &mut EpochRun,
     ) -> Result<()> {
         let micro = run.micro;
-        let out = match task.step(model, batch) {
+        let out = match objective.step(model, batch) {
             Ok(out) => out,
             // the layers' overflow guard (or any non-finite value found in the forward) stops
             // training like a non-finite loss: step named, checkpoints intact
@@ -1195,7 +1135,7 @@ impl Trainer {
             Err(e) => return Err(e),
         };
         let kl = model.state().drain_kl_mean()?;
-        let loss_v = scalar_f64(&out.loss, "the task's training loss")?;
+        let loss_v = scalar_f64(&out.loss, "the objective's training loss")?;
         let kl_v = match &kl {
             Some(k) => Some(scalar_f64(k, "the KL term")?),
             None => None,

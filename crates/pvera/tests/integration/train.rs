@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use pvera::config::TargetModules;
 use pvera::peft_model::NamedVar;
 use pvera::train::{
-    shuffled_indices, AdamW, AdamWConfig, GradAccumulator, Gradients, IndexedData, Schedule, ScheduleKind,
-    Split, StepOutput, StopReason, Task, TrainConfig, TrainEvent, Trainer, Warmup,
+    shuffled_indices, AdamW, AdamWConfig, Batches, GradAccumulator, Gradients, Objective, Schedule, ScheduleKind,
+    StepOutput, StopReason, TrainConfig, TrainData, TrainEvent, Trainer, Warmup,
 };
 use pvera::{Error, PeftModel, PveraConfig, TorchGenerator};
 use serde_json::Value;
@@ -280,6 +280,49 @@ struct Problem {
     y: Vec<u32>,
 }
 
+/// Which part of the data a batch is made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Train,
+    Validation,
+}
+
+/// [`TrainData`] over indexed examples: training indices shuffled per epoch with
+/// [`shuffled_indices`], cut into batches of `batch_size` (the last one may be smaller),
+/// validation indices in order; `make` turns a phase and a list of indices into a batch.
+struct IndexedData<B, F: FnMut(Phase, &[usize]) -> pvera::Result<B>> {
+    n_train: usize,
+    n_val: usize,
+    batch_size: usize,
+    seed: u64,
+    make: F,
+}
+
+impl<B, F: FnMut(Phase, &[usize]) -> pvera::Result<B>> IndexedData<B, F> {
+    fn new(n_train: usize, n_val: usize, batch_size: usize, seed: u64, make: F) -> Self {
+        Self { n_train, n_val, batch_size, seed, make }
+    }
+}
+
+impl<B, F: FnMut(Phase, &[usize]) -> pvera::Result<B>> TrainData for IndexedData<B, F> {
+    type Batch = B;
+    fn num_train_batches(&self) -> usize {
+        self.n_train.div_ceil(self.batch_size)
+    }
+    fn train_batches(&mut self, epoch: usize) -> pvera::Result<Batches<'_, B>> {
+        let order = shuffled_indices(self.n_train, self.seed, epoch);
+        let chunks: Vec<Vec<usize>> = order.chunks(self.batch_size).map(|c| c.to_vec()).collect();
+        let make = &mut self.make;
+        Ok(Box::new(chunks.into_iter().map(move |c| make(Phase::Train, &c))))
+    }
+    fn val_batches(&mut self) -> pvera::Result<Batches<'_, B>> {
+        let idx: Vec<usize> = (0..self.n_val).collect();
+        let chunks: Vec<Vec<usize>> = idx.chunks(self.batch_size).map(|c| c.to_vec()).collect();
+        let make = &mut self.make;
+        Ok(Box::new(chunks.into_iter().map(move |c| make(Phase::Validation, &c))))
+    }
+}
+
 fn problem() -> Problem {
     let shift = 1.5f32;
     let mut g = TorchGenerator::new(2024);
@@ -310,8 +353,8 @@ struct Batch {
 }
 
 impl Problem {
-    fn batch(&self, split: Split, idx: &[usize]) -> pvera::Result<Batch> {
-        let off = if split == Split::Train { 0 } else { N_TRAIN };
+    fn batch(&self, split: Phase, idx: &[usize]) -> pvera::Result<Batch> {
+        let off = if split == Phase::Train { 0 } else { N_TRAIN };
         let mut x = Vec::with_capacity(idx.len() * 10);
         let mut y = Vec::with_capacity(idx.len());
         for &i in idx {
@@ -338,7 +381,7 @@ impl Classify {
     }
 }
 
-impl Task<TestModel> for Classify {
+impl Objective<TestModel> for Classify {
     type Batch = Batch;
     fn step(&self, model: &PeftModel<TestModel>, b: &Batch) -> pvera::Result<StepOutput> {
         let n = self.calls.get();
@@ -401,7 +444,7 @@ fn base_weights(pm: &PeftModel<TestModel>) -> Vec<Tensor> {
 
 fn val_loss_of(pm: &PeftModel<TestModel>, p: &Problem) -> (f64, f64) {
     pm.eval().unwrap();
-    let b = p.batch(Split::Validation, &(0..N_VAL).collect::<Vec<_>>()).unwrap();
+    let b = p.batch(Phase::Validation, &(0..N_VAL).collect::<Vec<_>>()).unwrap();
     let out = Classify::new().step(pm, &b).unwrap();
     (out.loss.to_scalar::<f32>().unwrap() as f64, out.correct.unwrap() as f64 / N_VAL as f64)
 }
@@ -623,7 +666,7 @@ fn a_diverging_run_stops_with_non_finite_and_keeps_the_best_checkpoint() {
 /// backward multiplies d sqrt/du = inf by d u/dm = 2(m - m) = 0.
 struct NanGradient;
 
-impl Task<TestModel> for NanGradient {
+impl Objective<TestModel> for NanGradient {
     type Batch = Batch;
     fn step(&self, model: &PeftModel<TestModel>, b: &Batch) -> pvera::Result<StepOutput> {
         let logp = model.model().forward(&b.x)?;
@@ -888,7 +931,7 @@ fn step_events_carry_the_epochs_running_counts() {
 /// The classification loss without counting correct predictions.
 struct NanGradientFree;
 
-impl Task<TestModel> for NanGradientFree {
+impl Objective<TestModel> for NanGradientFree {
     type Batch = Batch;
     fn step(&self, model: &PeftModel<TestModel>, b: &Batch) -> pvera::Result<StepOutput> {
         let out = Classify::new().step(model, b)?;
