@@ -251,7 +251,7 @@ pub enum SampleAtInference {
     /// a longer suffix over a shorter one; a module no key selects does not sample.
     ///
     /// **PEFT 0.21.2 does not implement this**: it only takes the dict's truthiness, so `{}` never
-    /// samples and any non-empty dict samples in **every** layer (spec §9.1). See
+    /// samples and any non-empty dict samples in **every** layer (docs/peft-behaviour.md §4). See
     /// [`SampleAtInference::peft_reads_as`] and [`PveraConfig::save_warnings`].
     PerModule(BTreeMap<String, bool>),
 }

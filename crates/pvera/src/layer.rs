@@ -378,7 +378,7 @@ impl Site {
 
     /// Attaches a new adapter, with PEFT's checks of the shared projections
     /// (`layer.py:113-151`) plus a stricter rank check: PEFT accepts `r < R` here and then fails
-    /// in the forward pass with a size mismatch (spec §4); this refuses it up front.
+    /// in the forward pass with a size mismatch (docs/peft-behaviour.md §2); this refuses it up front.
     pub fn add_adapter(
         &self,
         name: &str,
@@ -582,7 +582,7 @@ impl Site {
                 }
             }
             // Detached: merging happens under no_grad in PEFT; a weight that carried the λ's
-            // graph made every later forward keep its whole graph alive (18 GB in `pvera bench`).
+            // graph made every later forward keep that whole graph alive.
             g.weight = gemm_layout(merged.to_dtype(dtype)?.detach(), self.kind)?;
             g.merged.push(name.clone());
             done.push(name);
@@ -949,9 +949,9 @@ fn check_logvar(logvar: &Tensor, path: &str, adapter: &str) -> Result<()> {
 
 /// A base weight in the memory layout its GEMM reads fastest. A Linear weight is logically
 /// `(out, in)` and multiplies as `x · Wᵀ`; on the CPU (f32) it is stored as the transposed view
-/// of a contiguous `(in, out)` buffer, so `Wᵀ` is a plain row-major operand (candle's GEMM runs
-/// about 20 % faster on the 384 × 384 projections of MiniLM than with the strided `Wᵀ`). The
-/// logical shape and values are unchanged; [`Site::weight`] hands out a contiguous copy.
+/// of a contiguous `(in, out)` buffer, so `Wᵀ` is a plain row-major operand, which candle's GEMM
+/// reads faster than the strided `Wᵀ`. The logical shape and values are unchanged;
+/// [`Site::weight`] hands out a contiguous copy.
 fn gemm_layout(w: Tensor, kind: LinearKind) -> Result<Tensor> {
     if kind != LinearKind::Linear || !w.device().is_cpu() || w.dtype() != DType::F32 || w.rank() != 2 {
         return Ok(w);

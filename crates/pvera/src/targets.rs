@@ -46,7 +46,7 @@ pub enum DefaultTargets {
 /// `TRANSFORMERS_MODELS_TO_PVERA_TARGET_MODULES_MAPPING` of PEFT 0.21.2, in PEFT's order (41 entries):
 /// the VeRA table (LoRA's with `phi -> [q_proj, v_proj]`) plus `dinov2 -> [query, value]`.
 ///
-/// Note (spec §9.8): with transformers v5, Dinov2 names its projections `q_proj`/`v_proj`, so the
+/// Note (docs/peft-behaviour.md §3): with transformers v5, Dinov2 names its projections `q_proj`/`v_proj`, so the
 /// `dinov2` default matches nothing there; PEFT fails the same way.
 pub const DEFAULT_TARGET_MODULES: [(&str, DefaultTargets); 41] = {
     use DefaultTargets::{List, Regex};
@@ -807,7 +807,7 @@ mod tests {
             expand_all_linear(&bert, None, Some("SEQ_CLS"), &top),
             s(&["bert.encoder.layer.0.attention.self.query", "bert.pooler.dense"])
         );
-        // without a task type the classifier is targeted (spec §5.6)
+        // without a task type the classifier is targeted (docs/peft-behaviour.md §3)
         assert_eq!(expand_all_linear(&bert, None, None, &top).len(), 3);
         // "score" is looked for before "classifier"
         let both = s(&["score", "classifier", "x"]);

@@ -5,7 +5,7 @@
 //! (one or several, summed), disabled, merged, unmerged, deleted and finally unloaded, all on the
 //! live model: the sites the model holds are shared with the registry.
 //!
-//! Differences from PEFT, each deliberate (spec §9):
+//! Differences from PEFT, each deliberate (all listed in docs/peft-behaviour.md):
 //! - every adapter keeps the projections it was created or loaded with, so loading a second
 //!   adapter whose file carries other projections does not overwrite the first adapter's (PEFT
 //!   copies them into one shared buffer);

@@ -1,5 +1,5 @@
 //! Adapter lifecycle, ported from PEFT's `tests/test_pvera.py` and the PVeRA rows of
-//! `tests/test_custom_models.py` (spec §7), on the Rust MLP built through the model builder.
+//! `tests/test_custom_models.py` (docs/peft-behaviour.md §8), on the Rust MLP built through the model builder.
 
 use std::sync::Arc;
 

@@ -193,7 +193,7 @@ fn seeded_sampling_matches_peft() {
         } else {
             pm.eval().unwrap();
             if per_module {
-                // PEFT reads a non-empty dict as "sample everywhere" (spec §9.1); reproduce
+                // PEFT reads a non-empty dict as "sample everywhere" (docs/peft-behaviour.md §4); reproduce
                 // that reading through the run-time override.
                 pm.state().set_sampling(Sampling::Always).unwrap();
             }
