@@ -66,7 +66,13 @@ fn lit_cp(cp: u32) -> std::result::Result<String, String> {
     }
 }
 
-fn hex_escape(s: &[char], i: usize, len: usize, letter: char) -> std::result::Result<(u32, usize), String> {
+/// `\xhh`, `\uhhhh` or `\Uhhhhhhhh` (by `letter`) at `s[i]`: the code point and the index after it.
+fn hex_escape(s: &[char], i: usize, letter: char) -> std::result::Result<(u32, usize), String> {
+    let len = match letter {
+        'x' => 2,
+        'u' => 4,
+        _ => 8,
+    };
     let mut v: u32 = 0;
     for k in 0..len {
         match s.get(i + 2 + k).and_then(|c| c.to_digit(16)) {
@@ -105,12 +111,7 @@ fn escape_outside(s: &[char], i: usize) -> std::result::Result<(String, Prev, us
         't' => simple(0x09),
         'v' => simple(0x0b),
         'x' | 'u' | 'U' => {
-            let len = match c {
-                'x' => 2,
-                'u' => 4,
-                _ => 8,
-            };
-            let (v, next) = hex_escape(s, i, len, c)?;
+            let (v, next) = hex_escape(s, i, c)?;
             Ok((lit_cp(v)?, Prev::Atom, next))
         }
         'N' => Err("named character escapes (\\N{...}) are not supported".into()),
@@ -158,12 +159,7 @@ fn escape_in_class(s: &[char], i: usize) -> std::result::Result<(ClassItem, usiz
         'D' => Ok((ClassItem::Set(format!("[^{}]", *DIGIT_ITEMS)), i + 2)),
         's' | 'S' | 'w' | 'W' => Ok((ClassItem::Set(format!("\\{c}")), i + 2)),
         'x' | 'u' | 'U' => {
-            let len = match c {
-                'x' => 2,
-                'u' => 4,
-                _ => 8,
-            };
-            let (v, next) = hex_escape(s, i, len, c)?;
+            let (v, next) = hex_escape(s, i, c)?;
             Ok((ClassItem::Lit(v), next))
         }
         'N' => Err("named character escapes (\\N{...}) are not supported".into()),

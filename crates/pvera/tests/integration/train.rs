@@ -547,6 +547,21 @@ fn run_to_end(out: &Path, cfg_edit: impl Fn(&mut TrainConfig), task: &Classify) 
     Ok(pm)
 }
 
+/// A resumed run ended where the uninterrupted one did: the same λ's bit for bit, and the same
+/// bytes in `best/` and `last/` (the trajectories agree, not only the end).
+fn assert_same_run(straight: &PeftModel<TestModel>, straight_out: &Path, resumed: &PeftModel<TestModel>, resumed_out: &Path) {
+    let (sa, sb) = (snapshot(straight), snapshot(resumed));
+    for (k, v) in &sa {
+        let same = v.iter().zip(&sb[k]).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{k}: the resumed run differs from the uninterrupted one (max diff {})", max_diff(v, &sb[k]));
+    }
+    for dir in ["best", "last"] {
+        let fa = std::fs::read(straight_out.join(dir).join("adapter_model.safetensors")).unwrap();
+        let fb = std::fs::read(resumed_out.join(dir).join("adapter_model.safetensors")).unwrap();
+        assert!(fa == fb, "{dir}/ differs");
+    }
+}
+
 #[test]
 fn resume_from_last_gives_the_same_lambdas_as_an_uninterrupted_run() {
     let a = tempfile::tempdir().unwrap();
@@ -576,17 +591,7 @@ fn resume_from_last_gives_the_same_lambdas_as_an_uninterrupted_run() {
     assert_eq!(report.epochs.len(), 4, "the history includes the epochs before the crash");
     assert_eq!(report.resumed_from.as_deref(), Some(b.path().join("last").as_path()));
 
-    let (sa, sb) = (snapshot(&straight), snapshot(&pm));
-    for (k, v) in &sa {
-        let same = v.iter().zip(&sb[k]).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(same, "{k}: resumed run differs from the uninterrupted one (max diff {})", max_diff(v, &sb[k]));
-    }
-    // The trajectories agree too: the checkpoints on disk are the same bytes.
-    for dir in ["best", "last"] {
-        let fa = std::fs::read(a.path().join(dir).join("adapter_model.safetensors")).unwrap();
-        let fb = std::fs::read(b.path().join(dir).join("adapter_model.safetensors")).unwrap();
-        assert!(fa == fb, "{dir}/ differs");
-    }
+    assert_same_run(&straight, a.path(), &pm, b.path());
 
     // Resuming with other settings works but says the run will differ.
     let mut pm2 = peft(adapter_cfg(Some(11), 0.1));
@@ -859,16 +864,7 @@ fn a_stop_flag_saves_the_step_and_resuming_continues_exactly() {
         _ => None,
     });
     assert_eq!(first_step, Some((10, 8 * 16)), "continues at step 10 with the epoch's running count");
-    let (sa, sb) = (snapshot(&straight), snapshot(&pm));
-    for (k, v) in &sa {
-        let same = v.iter().zip(&sb[k]).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(same, "{k}: the resumed run differs from the uninterrupted one (max diff {})", max_diff(v, &sb[k]));
-    }
-    for dir in ["best", "last"] {
-        let fa = std::fs::read(a.path().join(dir).join("adapter_model.safetensors")).unwrap();
-        let fb = std::fs::read(b.path().join(dir).join("adapter_model.safetensors")).unwrap();
-        assert!(fa == fb, "{dir}/ differs");
-    }
+    assert_same_run(&straight, a.path(), &pm, b.path());
     // The interrupted epoch's metrics are those of the uninterrupted run.
     let (e2, want) = (&report.epochs[1], &straight_report.epochs[1]);
     assert_eq!((e2.train_loss, e2.train_kl, e2.train_accuracy), (want.train_loss, want.train_kl, want.train_accuracy));
