@@ -631,7 +631,7 @@ def main(argv=None) -> int:
     if cap not in ("AVX2", "AVX512"):
         print(
             f"warning: CPU capability {cap}: torch's uniform/kaiming/randn kernels differ from the AVX2 ones the "
-            "committed fixtures were made with (see versions.json and docs torch-rng.md)",
+            "committed fixtures were made with (see versions.json and docs/torch-rng.md §1)",
             file=sys.stderr,
         )
     torch.set_num_threads(1)

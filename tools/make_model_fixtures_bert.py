@@ -151,6 +151,24 @@ CASES = [
         "sampled_<i>: fresh model (PeftModel.from_pretrained, eval), calls in order i=0,1,2 on the same inputs, "
         "first thing after loading. eval.*: the mean path (sample_at_inference switched off in every layer).",
     ),
+    dict(
+        name="bert_modules_to_save",
+        model_type="bert",
+        cls="BertModel",
+        seed=7,
+        dtype="float32",
+        adapters=[("adapter", pv(modules_to_save=["pooler.dense"]))],
+        with_token_types=True,
+        perturb_modules_to_save=True,
+        unload=True,
+        notes="modules_to_save=['pooler.dense']: after get_peft_model, the copy modules_to_save['default'] of "
+        "pooler.dense is moved away from the base (weight += 0.5 N(0,1)/sqrt(in), bias += 0.5 N(0,1), "
+        "Generator().manual_seed(77)), as training would, so the file's base_model.model.pooler.dense.{weight,bias} "
+        "differ from the checkpoint's. merge_and_unload.*: PeftModel.from_pretrained(...).merge_and_unload() "
+        "(PEFT replaces the ModulesToSaveWrapper by the trained copy); unload.*: .unload() of a fresh load (the "
+        "copy kept, the lambdas dropped); base_pooler_on_merged.pooler_output: tanh(base pooler.dense(merged "
+        "hidden[:, 0])), what a merge that dropped the copy would give.",
+    ),
 ]
 
 
@@ -298,6 +316,8 @@ def write_case(root: Path, c: dict) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pm = get_peft_model(fresh, PveraConfig(**copy.deepcopy(kwargs)))
+        if c.get("perturb_modules_to_save"):
+            perturb_modules_to_save(pm)
         pm.save_pretrained(str(d / adir))
         (d / adir / "README.md").unlink(missing_ok=True)
         saved_cfg = json.loads((d / adir / "adapter_config.json").read_text())
@@ -340,6 +360,17 @@ def write_case(root: Path, c: dict) -> dict:
                     with pmb.disable_adapter():
                         outputs.update(run(pmb, io, "bf16_base"))
                     descr["bf16_base"] = "checkpoint loaded with dtype=bfloat16, adapters disabled"
+            if c.get("unload"):
+                merged = load_adapter_model(c, d, adir, dtype).merge_and_unload()
+                outputs.update(run(merged, io, f"merge_and_unload{suffix}"))
+                descr[f"merge_and_unload{suffix}"] = f"PeftModel.from_pretrained(model, {adir!r}).merge_and_unload()"
+                with torch.no_grad():
+                    h0 = outputs[f"merge_and_unload{suffix}.last_hidden_state"][:, 0]
+                    outputs[f"base_pooler_on_merged{suffix}.pooler_output"] = torch.tanh(model.pooler.dense(h0))
+                descr[f"base_pooler_on_merged{suffix}"] = "the base pooler on the merged hidden states (copy dropped)"
+                unloaded = load_adapter_model(c, d, adir, dtype).unload()
+                outputs.update(run(unloaded, io, f"unload{suffix}"))
+                descr[f"unload{suffix}"] = f"PeftModel.from_pretrained(model, {adir!r}).unload()"
             if c.get("f32_ref"):
                 pmf = load_adapter_model(c, d, adir, torch.float32)
                 outputs.update(run(pmf, io, f"f32_eval{suffix}"))
@@ -390,6 +421,19 @@ def write_case(root: Path, c: dict) -> dict:
     return meta
 
 
+def perturb_modules_to_save(pm) -> None:
+    """Moves every modules_to_save copy away from the base module, as training would."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    g = torch.Generator().manual_seed(77)
+    with torch.no_grad():
+        for _, m in sorted(pm.named_modules(), key=lambda kv: kv[0]):
+            if isinstance(m, ModulesToSaveWrapper):
+                for p in m.modules_to_save["default"].parameters():
+                    scale = 0.5 / math.sqrt(p.shape[-1]) if p.dim() == 2 else 0.5
+                    p.add_(scale * torch.randn(p.shape, generator=g))
+
+
 def sanity(c: dict, out: dict[str, torch.Tensor]) -> None:
     """Checks that must hold, or the fixture would not test what it claims."""
     base = out["base.last_hidden_state"].float()
@@ -403,6 +447,13 @@ def sanity(c: dict, out: dict[str, torch.Tensor]) -> None:
             assert (v.float() - e).abs().max() < tol, (c["name"], k)
     if c.get("sampled"):
         assert (out["sampled_0.last_hidden_state"] - out["sampled_1.last_hidden_state"]).abs().max() > 1e-4
+    if c.get("unload"):
+        for f in ("last_hidden_state", "pooler_output"):
+            assert (out[f"merge_and_unload.{f}"] - out[f"eval.{f}"]).abs().max() < 1e-4, (c["name"], f)
+        dropped = (out["base_pooler_on_merged.pooler_output"] - out["merge_and_unload.pooler_output"]).abs().max()
+        assert dropped > 0.1, (c["name"], "the trained copy does not change pooler_output", float(dropped))
+        assert (out["unload.last_hidden_state"] - base).abs().max() < 1e-6, (c["name"], "unload keeps the lambdas")
+        assert (out["unload.pooler_output"] - out["base.pooler_output"]).abs().max() > 0.1, (c["name"], "unload copy")
     if "ids_only.last_hidden_state" in out:
         assert (out["ids_only.last_hidden_state"] - base).abs().max() > 1e-3
 

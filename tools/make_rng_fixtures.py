@@ -211,7 +211,7 @@ def worker() -> dict:
     for s in [0, 1, 42, 2**32 + 5, 2**64 - 1, -1, 123456789]:
         pv_out[s] = case(f"pvera key={s} r=4 20x20", s, pv)
     a, b = pv_out[0]
-    # pvera-spec.md / torch-rng.md section 5 values come from the FMA (AVX2) kernel
+    # the PVeRA example of docs/torch-rng.md §5 comes from the FMA (AVX2) kernel
     if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
         assert same(a[0, :4], torch.tensor([-0.0041007004, 0.29382226, -0.4508004, -0.40309042])), a[0, :4]
         assert same(b[0, :4], torch.tensor([-0.23590457, -0.24046974, -1.0990248, -1.0574912])), b[0, :4]

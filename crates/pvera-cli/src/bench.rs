@@ -385,7 +385,7 @@ pub fn run(args: BenchArgs) -> Result<u8> {
         let mut opt = AdamW::new(pm.trainable_vars()?, AdamWConfig::default())?;
         let ms = time_it(args.warmup, args.reps, || {
             let logits = pm.model().forward(&mi)?;
-            let (loss, _) = pvera::train::tasks::classification_loss(&logits, &labels)?;
+            let (loss, _) = pvera::train::classification_loss(&logits, &labels)?;
             let store = loss.backward()?;
             let g = opt.gradients(&store);
             opt.step(&g)?;

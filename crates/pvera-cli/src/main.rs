@@ -13,6 +13,9 @@
 //!   the step and the last good checkpoint)
 //! - 9: unsupported model directory (unknown `model_type` or an architecture variant not implemented)
 //! - 10: unusable data set (unreadable image, empty text, unknown label, ...): `train`, `eval`
+//! - 130: `train` interrupted by SIGINT / SIGTERM after saving a resumable `last/` (the message
+//!   says what was saved and how to resume); a second signal ends it at once
+//! - 141: stdout closed by its reader (the command is killed by SIGPIPE, as a Unix tool is)
 //!
 //! `train` also answers 2 for flag values or data it cannot use (a task that does not fit the
 //! model, a split that leaves no examples, ...).
@@ -77,6 +80,9 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
         }
         if cause.downcast_ref::<train::Diverged>().is_some() {
             return 8;
+        }
+        if cause.downcast_ref::<train::Interrupted>().is_some() {
+            return 130;
         }
         if cause.downcast_ref::<common::UsageError>().is_some() {
             return 2;

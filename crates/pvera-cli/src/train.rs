@@ -6,6 +6,7 @@
 //! folder (`pvera_task.json`, `labels.json`) and the run's `split.json` are the library's types.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,8 +24,10 @@ use pvera::models::AnyModel;
 use pvera::predictor::inputs::{batch_labels, check_image_files};
 use pvera::predictor::meta::{data_fingerprint, SplitRecord, TaskKind as MetaTask, TaskMeta};
 use pvera::predictor::{PredictConfig, PredictorOptions, TaskOverrides};
-use pvera::train::tasks::{causal_lm_loss, CausalLmTask, ClassificationTask, SplitData};
-use pvera::train::{EpochMetrics, ScheduleKind, Task, TrainConfig, TrainEvent, TrainReport, Trainer, Warmup};
+use pvera::train::{
+    causal_lm_loss, CausalLmObjective, ClassificationObjective, EpochMetrics, Objective, ScheduleKind, SplitData, StopReason,
+    TrainConfig, TrainEvent, TrainReport, Trainer, Warmup,
+};
 use pvera::{PeftModel, Predictor, RunState};
 
 use crate::common::{check_output, set_threads, OutputDir, Reuse, UsageError};
@@ -583,7 +586,7 @@ fn run_classification(args: &TrainArgs, c: &Checked, started: Instant) -> Result
     .write(&args.output)?;
     let report = {
         let mut data = SplitData::new(train.data.clone(), plan.train.clone(), plan.val.clone(), args.batch_size, args.seed)?;
-        let r = fit(args, c.tcfg.clone(), &mut pm, &ClassificationTask, &mut data)?;
+        let r = fit(args, c.tcfg.clone(), &mut pm, &ClassificationObjective, &mut data)?;
         drop(pm);
         r
     };
@@ -695,7 +698,7 @@ fn run_causal(args: &TrainArgs, c: &Checked, started: Instant) -> Result<u8> {
     let mut pm = PeftModel::new(model, registry, info, adapter_config(args, &c.dir.model_type, false)?, "default").map_err(flag_error)?;
     write_task_meta(&args.output, &meta)?;
     let mut data = SplitData::new(ds.clone(), plan.train.clone(), plan.val.clone(), args.batch_size, args.seed)?;
-    let report = fit(args, c.tcfg.clone(), &mut pm, &CausalLmTask, &mut data)?;
+    let report = fit(args, c.tcfg.clone(), &mut pm, &CausalLmObjective, &mut data)?;
     let mut eval_json = serde_json::Value::Null;
     if let (Some(eval), Some(p)) = (eval, &args.eval_data) {
         let best = args.output.join("best");
@@ -719,17 +722,50 @@ fn run_causal(args: &TrainArgs, c: &Checked, started: Instant) -> Result<u8> {
     finish(args, &report, eval_json, started)
 }
 
-/// How often a progress line is written when stdout is not a terminal (a log file, a pipe).
-const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often a progress line is written when stderr is not a terminal (a log file, a pipe):
+/// every 10 s, or every `PVERA_PROGRESS_SECS` seconds.
+fn log_every() -> Duration {
+    let secs = std::env::var("PVERA_PROGRESS_SECS").ok().and_then(|v| v.parse::<f64>().ok()).filter(|v| *v >= 0.0);
+    Duration::from_secs_f64(secs.unwrap_or(10.0))
+}
 
-fn fit<M, T>(args: &TrainArgs, tcfg: TrainConfig, pm: &mut PeftModel<M>, task: &T, data: &mut SplitData) -> Result<TrainReport>
-where
-    T: Task<M, Batch = Batch>,
-{
-    let mut trainer = Trainer::new(tcfg).map_err(flag_error)?;
-    if let Some(r) = &args.resume {
-        trainer.resume_from(pm, r).with_context(|| format!("resuming from {}", r.display()))?;
+/// Ctrl-C (SIGINT) or SIGTERM: the first one asks the trainer to stop after the current
+/// optimizer step and save a resumable `last/`; a second one ends the process at once (exit 130).
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        // Registered first: when the flag is already set (a second signal), exit with 130.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone()).context("installing a signal handler")?;
+        signal_hook::flag::register(sig, flag.clone()).context("installing a signal handler")?;
     }
+    Ok(flag)
+}
+
+/// Training was interrupted by a signal after saving a resumable checkpoint (exit 130, the
+/// shell's code for SIGINT).
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Interrupted {}
+
+fn fit<M, T>(args: &TrainArgs, mut tcfg: TrainConfig, pm: &mut PeftModel<M>, task: &T, data: &mut SplitData) -> Result<TrainReport>
+where
+    T: Objective<M, Batch = Batch>,
+{
+    tcfg.data_fingerprint = Some(data_fingerprint(&args.data)?);
+    let mut trainer = Trainer::new(tcfg).map_err(flag_error)?;
+    trainer.set_stop_flag(stop_flag()?);
+    if let Some(r) = &args.resume {
+        trainer.resume_from(pm, r).map_err(resume_error).with_context(|| format!("resuming from {}", r.display()))?;
+    }
+    let mut interrupted: Option<String> = None;
+    let mut warned = std::collections::BTreeSet::new();
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
         .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -737,6 +773,7 @@ where
     let mut bar: Option<ProgressBar> = None;
     let (mut steps_per_epoch, mut epochs) = (0usize, 0usize);
     let mut last_log = Instant::now();
+    let every = log_every();
     let mut seen: Vec<EpochMetrics> = Vec::new();
     let out = args.output.clone();
     let result = trainer.fit(pm, task, data, |ev| match ev {
@@ -749,9 +786,19 @@ where
             steps_per_epoch = spe;
             epochs = e;
         }
-        TrainEvent::Warning { message } => warn_line!("warning: {message}"),
-        TrainEvent::Step { epoch, step, steps, loss, examples_per_sec, lr, .. } => {
-            let msg = format!("loss {loss:.4} {examples_per_sec:.1} ex/s lr {lr:.2e}");
+        TrainEvent::Warning { message } => {
+            // The same warning at every save (e.g. save_projection=false) is said once per run.
+            if warned.insert(message.clone()) {
+                warn_line!("warning: {message}");
+            }
+        }
+        TrainEvent::Interrupted { message, .. } => interrupted = Some(message),
+        TrainEvent::Step { epoch, step, steps, loss, examples_per_sec, lr, examples, correct, .. } => {
+            let acc = match correct {
+                Some(c) if examples > 0 => format!(" acc {:.3}", c as f64 / examples as f64),
+                _ => String::new(),
+            };
+            let msg = format!("loss {loss:.4}{acc} {examples_per_sec:.1} ex/s lr {lr:.2e}");
             if tty {
                 let b = bar.get_or_insert_with(|| {
                     let b = ProgressBar::new(steps_per_epoch as u64).with_style(style.clone());
@@ -760,7 +807,7 @@ where
                 });
                 b.set_message(msg);
                 b.inc(1);
-            } else if last_log.elapsed() >= LOG_EVERY {
+            } else if last_log.elapsed() >= every {
                 last_log = Instant::now();
                 note!("epoch {epoch}/{epochs} step {step}/{steps}: {msg}");
             }
@@ -783,9 +830,22 @@ where
         b.abandon();
     }
     match result {
+        Ok(r) if r.stop == StopReason::Interrupted => {
+            let _ = write_curves(&args.output, &r.epochs);
+            let msg = interrupted.unwrap_or_else(|| format!("training interrupted; resume with --resume {}", args.output.join("last").display()));
+            Err(anyhow::Error::new(Interrupted(msg)))
+        }
         Ok(r) => Ok(r),
         Err(e @ pvera::Error::NonFinite { .. }) => Err(anyhow::Error::new(Diverged(e.to_string()))),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// A resume that does not fit the flags (a finished run, other data, ...) is a flag problem.
+fn resume_error(e: pvera::Error) -> anyhow::Error {
+    match e {
+        e @ (pvera::Error::InvalidConfig { .. } | pvera::Error::Data(_)) => anyhow::Error::new(UsageError(e.to_string())),
+        other => anyhow::Error::new(other),
     }
 }
 

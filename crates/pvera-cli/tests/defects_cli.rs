@@ -425,3 +425,118 @@ fn row11_predict_lines_alone() {
     assert!(o.status.success(), "{}", show(&o));
     assert!(stderr(&o).contains("--lines"), "{}", show(&o));
 }
+
+/// Row 5 (resume side): `--resume` with another data file of the same size is refused.
+#[test]
+fn row5_resume_refuses_other_data_of_the_same_size() {
+    let t = trained(&[]);
+    let text = std::fs::read_to_string(&t.data).unwrap();
+    let other = t.tmp.path().join("other.jsonl");
+    std::fs::write(&other, text.replace("free", "cheap")).unwrap();
+    let last = t.out.join("last");
+    let o = pvera(&[
+        "train", "--model", s(&t.model), "--tokenizer", s(&t.tok), "--data", s(&other), "--task", "text-classification",
+        "--output", s(&t.out), "--r", "8", "--target-modules", "query,value", "--epochs", "2", "--batch-size", "4",
+        "--max-length", "6", "--resume", s(&last), "--threads", "1",
+    ]);
+    assert_eq!(code(&o), 2, "{}", show(&o));
+    assert!(stderr(&o).contains("other data") && stderr(&o).contains("--data"), "{}", show(&o));
+    // A run that already finished its epochs says so instead of "resuming at epoch 2 of 1".
+    let o = pvera(&[
+        "train", "--model", s(&t.model), "--tokenizer", s(&t.tok), "--data", s(&t.data), "--task", "text-classification",
+        "--output", s(&t.out), "--r", "8", "--target-modules", "query,value", "--epochs", "1", "--batch-size", "4",
+        "--max-length", "6", "--resume", s(&t.out), "--threads", "1",
+    ]);
+    assert_eq!(code(&o), 2, "{}", show(&o));
+    assert!(stderr(&o).contains("1/1"), "{}", show(&o));
+}
+
+/// Row 12: SIGINT during training saves a resumable `last/`, says so and how to resume (exit
+/// 130); with stdout piped, progress lines come at a steady interval; the resumed run finishes.
+#[test]
+fn row12_sigint_saves_and_says_how_to_resume() {
+    let t = tiny_bert();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pvera"))
+        .env("PVERA_PROGRESS_SECS", "0")
+        .args([
+            "train", "--model", s(&t.model), "--tokenizer", s(&t.tok), "--data", s(&t.data), "--task",
+            "text-classification", "--output", s(&t.out), "--r", "4", "--epochs", "100000", "--batch-size", "1",
+            "--threads", "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    // Wait until training runs (an epoch line), then interrupt.
+    loop {
+        let mut l = String::new();
+        assert!(out.read_line(&mut l).unwrap() > 0, "training ended early: {seen}");
+        seen.push_str(&l);
+        if l.starts_with("epoch 2/") {
+            break;
+        }
+    }
+    let pid = child.id() as i32;
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: sends SIGINT to the child this test spawned.
+    assert_eq!(unsafe { kill(pid, 2) }, 0);
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("--resume") && err.contains("last"), "{err}");
+    assert!(t.out.join("last/trainer_state.safetensors").is_file(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // Resuming with a smaller epoch count that the run has not reached yet finishes normally.
+    // Not a terminal: step lines between the epoch lines (here at every step).
+    assert!(seen.lines().any(|l| l.starts_with("epoch 1/100000 step ") && l.contains("loss")), "{seen}");
+    let done: usize = seen.lines().filter(|l| l.starts_with("epoch ") && l.contains("train loss")).count();
+    let o = pvera(&[
+        "train", "--model", s(&t.model), "--tokenizer", s(&t.tok), "--data", s(&t.data), "--task", "text-classification",
+        "--output", s(&t.out), "--r", "4", "--epochs", &(done + 40).to_string(), "--batch-size", "1", "--threads", "1",
+        "--resume", s(&t.out.join("last")),
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+}
+
+/// Row 1: `pvera merge` writes the adapter's `modules_to_save` weights into the merged model, as
+/// PEFT's `merge_and_unload()` does: the merged model, run without any adapter, gives PEFT's
+/// `pooler_output` (fixture: `tools/make_model_fixtures_bert.py --only bert_modules_to_save`).
+#[test]
+fn row1_merge_keeps_the_modules_to_save_weights() {
+    let case = fixtures().join("models/bert_modules_to_save");
+    let tmp = tempfile::tempdir().unwrap();
+    let merged = tmp.path().join("merged");
+    let o = pvera(&["merge", "--model", s(&case.join("model")), "--adapter", s(&case.join("adapter")), "--output", s(&merged)]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(stderr(&o).contains("1 trained module(s)"), "{}", show(&o));
+    // Inputs from the fixture, outputs of the merged model alone.
+    let dev = candle_core::Device::Cpu;
+    let (io, _) = pvera::checkpoint::read_safetensors(&case.join("io.safetensors"), &dev).unwrap();
+    let inputs = tmp.path().join("in.safetensors");
+    let map: std::collections::HashMap<String, candle_core::Tensor> = ["input_ids", "attention_mask", "token_type_ids"]
+        .iter()
+        .map(|k| (k.to_string(), io[*k].tensor.clone()))
+        .collect();
+    candle_core::safetensors::save(&map, &inputs).unwrap();
+    let y = tmp.path().join("y.safetensors");
+    let o = pvera(&["infer", "--model", s(&merged), "--inputs", s(&inputs), "--output", s(&y)]);
+    assert!(o.status.success(), "{}", show(&o));
+    let (out, _) = pvera::checkpoint::read_safetensors(&y, &dev).unwrap();
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    };
+    let want = &io["merge_and_unload.pooler_output"].tensor;
+    let d = diff(&out["pooler_output"].tensor, want);
+    assert!(d < 1e-5, "pooler_output differs from PEFT's merge_and_unload by {d}");
+    // What the old merge wrote (the base pooler on the merged states) is far from it.
+    assert!(diff(&io["base_pooler_on_merged.pooler_output"].tensor, want) > 1e-2);
+    let d = diff(&out["last_hidden_state"].tensor, &io["merge_and_unload.last_hidden_state"].tensor);
+    assert!(d < 1e-5, "last_hidden_state differs by {d}");
+}

@@ -2,7 +2,7 @@
 //!
 //! A PEFT adapter directory holds `adapter_config.json` and `adapter_model.safetensors`
 //! (metadata `{"format": "pt"}`). The adapter called `default` lives in the directory itself,
-//! any other adapter in `<dir>/<name>/` (`peft_model.py:309`). Keys (spec §6):
+//! any other adapter in `<dir>/<name>/` (`peft_model.py:309`). Keys (docs/peft-behaviour.md §6):
 //!
 //! | entry | key |
 //! |---|---|

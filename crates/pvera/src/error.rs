@@ -81,17 +81,16 @@ pub enum Error {
     #[error("{0}")]
     Projection(String),
 
-    /// A file system operation failed.
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file system operation failed. The message already carries the I/O error's text, so it
+    /// is not also reported as the error's `source()` (a chain printer such as anyhow's `{:#}`
+    /// would repeat it: "No such file or directory (os error 2): No such file or directory").
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
 
-    /// An error from candle's tensor library.
+    /// An error from candle's tensor library (its text is in the message, not repeated as the
+    /// error's `source()`, for the reason given at [`Error::Io`]).
     #[error("tensor operation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
 
     /// A model definition problem (unknown module, unsupported layer kind, ...).
     #[error("{0}")]
@@ -120,10 +119,16 @@ pub enum Error {
     Request(String),
 }
 
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
+}
+
 impl Error {
     /// Helper for I/O errors that always names the path.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
+        Error::Io { path: path.into(), error }
     }
 
     /// Helper for config validation errors.

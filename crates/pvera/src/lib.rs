@@ -11,7 +11,7 @@
 //! - [`projection`]: the shared frozen A and B.
 //! - [`layer`]: the adaptable linear site and the PVeRA math (forward, KL, ΔW, merge).
 //! - [`state`]: mode, sampling, active adapters and KL terms shared by all layers of a model.
-//! - [`inject`]: the model [`Builder`] and the site [`Registry`].
+//! - [`builder`]: the model [`Builder`] and the site [`Registry`].
 //! - [`targets`]: PEFT's target-module matching and default targets.
 //! - [`peft_model`]: [`PeftModel`], the adapter lifecycle.
 //! - [`checkpoint`]: PEFT's file and key names, atomic saving.
@@ -23,11 +23,11 @@
 //! - [`validate`]: every load check that needs no model, all problems of an adapter directory.
 #![warn(missing_docs)]
 
+pub mod builder;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
-pub mod inject;
 pub mod layer;
 pub mod models;
 pub mod ops;
@@ -35,6 +35,8 @@ mod simd;
 pub mod peft_model;
 pub mod predictor;
 pub mod projection;
+mod pyjson;
+mod pyregex;
 pub mod rng;
 pub mod state;
 pub mod targets;
@@ -44,7 +46,7 @@ pub mod validate;
 
 pub use config::PveraConfig;
 pub use error::{Error, Result};
-pub use inject::{Builder, ModelInfo, Registry};
+pub use builder::{Builder, ModelInfo, Registry};
 pub use layer::{Linear, LinearKind};
 pub use peft_model::PeftModel;
 pub use predictor::Predictor;

@@ -7,9 +7,9 @@
 //! needs: `uniform_`, `torch.rand`, `torch.nn.init.kaiming_uniform_`,
 //! `torch.randn` / `normal_`, `bernoulli_(p)` and `F.dropout`.
 //!
-//! The algorithm, every rounding step, and the golden values are documented in
-//! the project's `torch-rng.md` notes; the `§` section numbers below refer to
-//! it. Beyond what PVeRA needs, the generator also exposes float64
+//! The algorithm, every rounding step, and where the golden values come from
+//! are documented in `docs/torch-rng.md`; the `§` section numbers below refer
+//! to it. Beyond what PVeRA needs, the generator also exposes float64
 //! `normal_`/`randn` and torch-compatible [`TorchGenerator::get_state`] /
 //! [`TorchGenerator::set_state`].
 //!
@@ -80,11 +80,21 @@ const MASK_53: u64 = (1 << 53) - 1;
 /// `torch.Generator().get_state()`.
 pub const TORCH_STATE_SIZE: usize = 5056;
 
+/// The output function of splitmix64 (Steele, Lea and Flood; Vigna's constants): a bijective mix
+/// of 64 bits in which every input bit affects every output bit. pvera derives seeds with it
+/// (not a torch algorithm): per-epoch layer seeds in the trainer, per-layer seeds under
+/// [`crate::NoisePolicy::Independent`].
+pub fn splitmix64_mix(z: u64) -> u64 {
+    let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Which of torch's two x86 kernel builds to reproduce.
 ///
 /// PyTorch compiles its CPU distribution kernels once per CPU capability. An
 /// AVX512 CPU runs the AVX2 build (the AVX512 build registers no distribution
-/// kernels), so there are two behaviours to choose from (torch-rng.md §1).
+/// kernels), so there are two behaviours to choose from (docs/torch-rng.md §1).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum TorchKernel {
     /// The AVX2 build, which every x86-64 CPU with AVX2 runs (AVX512 CPUs
@@ -142,7 +152,7 @@ impl fmt::Display for StateError {
 
 impl std::error::Error for StateError {}
 
-/// The MT19937 engine exactly as `at::mt19937` keeps it (torch-rng.md §3).
+/// The MT19937 engine exactly as `at::mt19937` keeps it (docs/torch-rng.md §3).
 #[derive(Clone, PartialEq, Eq)]
 struct Mt19937 {
     state: [u32; MT_N],
@@ -314,6 +324,29 @@ impl TorchGenerator {
         (hi << 32) | lo
     }
 
+    /// `torch.randperm(n, generator=g)` on the CPU (aten's `randperm_cpu`): for
+    /// `n < 2^32 / 20` a Fisher–Yates pass drawing `random() % (n - i)` for each position,
+    /// otherwise the "inside-out" variant with `random64() % (i + 1)`. Advances the generator as
+    /// torch does, so a data split or an epoch's shuffle equals PyTorch's.
+    pub fn randperm(&mut self, n: usize) -> Vec<usize> {
+        if (n as u64) < u64::from(u32::MAX) / 20 {
+            let mut r: Vec<usize> = (0..n).collect();
+            for i in 0..n.saturating_sub(1) {
+                let z = (u64::from(self.random()) % (n - i) as u64) as usize;
+                r.swap(i, z + i);
+            }
+            r
+        } else {
+            let mut r = vec![0usize; n];
+            for i in 0..n {
+                let z = (self.random64() % (i as u64 + 1)) as usize;
+                r[i] = r[z];
+                r[z] = i;
+            }
+            r
+        }
+    }
+
     /// A float in `[0, 1)` from the low 24 bits of one engine output.
     #[inline(always)]
     fn unit_f32(&mut self) -> f32 {
@@ -329,7 +362,7 @@ impl TorchGenerator {
     /// `Tensor.uniform_(from, to, generator=g)` on a contiguous float32
     /// tensor: one engine output per element, computed in float32, with
     /// torch 2.15's clamp that maps a result equal to `to` back to `from`
-    /// (torch-rng.md §4).
+    /// (docs/torch-rng.md §4).
     ///
     /// # Panics
     ///
@@ -398,7 +431,7 @@ impl TorchGenerator {
     /// and consumes no engine outputs.
     ///
     /// PEFT PVeRA draws A `(2r, in)` and then B `(out, r)` from one generator
-    /// seeded with `projection_prng_key` (torch-rng.md §5).
+    /// seeded with `projection_prng_key` (docs/torch-rng.md §5).
     ///
     /// # Panics
     ///
@@ -424,7 +457,7 @@ impl TorchGenerator {
     }
 
     /// `Tensor.normal_(mean, std, generator=g)` on a contiguous float32
-    /// tensor (torch-rng.md §7).
+    /// tensor (docs/torch-rng.md §7).
     ///
     /// * Fewer than 16 elements: the scalar double Box-Muller path with the
     ///   generator's cache, 4 engine outputs per pair of samples, each value
@@ -507,7 +540,7 @@ impl TorchGenerator {
     }
 
     /// `F.dropout(x, p, training=True)` on a float32 CPU tensor, in place
-    /// (torch-rng.md §8): `keep = bernoulli_(1 - p)`, then
+    /// (docs/torch-rng.md §8): `keep = bernoulli_(1 - p)`, then
     /// `x *= keep / float32(1 - p)`, so a dropped negative element becomes
     /// `-0.0`. For `p == 0` nothing changes and nothing is drawn; for
     /// `p == 1` every element is multiplied by `0.0` (zeros, `-0.0` for
@@ -623,7 +656,7 @@ impl TorchGenerator {
     }
 
     /// `at::normal_distribution<double>(mean, std)`: Box-Muller in double
-    /// with the generator's cache (torch-rng.md §7.2).
+    /// with the generator's cache (docs/torch-rng.md §7.2).
     #[inline]
     fn scalar_normal(&mut self, mean: f64, std: f64) -> f64 {
         let z = match self.next_double_normal.take() {
@@ -648,7 +681,7 @@ impl TorchGenerator {
 
     /// torch's `normal_fill<float>`: uniforms for every element, Box-Muller
     /// in blocks of 16, and a tail block of 16 fresh uniforms that
-    /// overwrites the last 16 elements (torch-rng.md §7.3).
+    /// overwrites the last 16 elements (docs/torch-rng.md §7.3).
     fn normal_fill_f32(&mut self, data: &mut [f32], mean: f32, std: f32) {
         debug_assert!(data.len() >= 16);
         for d in data.iter_mut() {
@@ -705,7 +738,7 @@ fn check_std(std: f64) {
 }
 
 // ---------------------------------------------------------------------------
-// Box-Muller blocks of 16 (torch-rng.md §7.3)
+// Box-Muller blocks of 16 (docs/torch-rng.md §7.3)
 // ---------------------------------------------------------------------------
 
 /// `f32(2.0 * pi)` (`0x40c90fdb`).
@@ -911,10 +944,10 @@ mod tests {
     }
 
     // ------------------------------------------------------------------
-    // 1. Golden values of torch-rng.md §9 (torch 2.15.0)
+    // 1. Golden values from torch 2.15.0 (docs/torch-rng.md §9)
     // ------------------------------------------------------------------
 
-    /// torch-rng.md §9 "Engine, first five random() outputs" and §3 (seed 0).
+    /// torch's first five `random()` outputs for a few seeds (docs/torch-rng.md §9) and §3 (seed 0).
     #[test]
     fn golden_engine_outputs() {
         let table: [(i128, [u32; 5]); 7] = [
@@ -963,7 +996,7 @@ mod tests {
         assert_eq!(got, [2357136044, 2546248239, 3071714933, 3626093760]);
     }
 
-    /// torch-rng.md §2.1 and §10 ("initial_seed round trip of the full u64").
+    /// docs/torch-rng.md §2.1: `initial_seed` returns the full u64.
     #[test]
     fn seeds_python_range_and_initial_seed() {
         assert_eq!(
@@ -997,7 +1030,7 @@ mod tests {
         }
     }
 
-    /// torch-rng.md §9 "Bounds" table.
+    /// The bounds of a few fan-ins as torch computes them (docs/torch-rng.md §5, §9).
     #[test]
     fn golden_bounds() {
         let table: [(usize, f64, u32, u32); 4] = [
@@ -1029,7 +1062,7 @@ mod tests {
         assert_eq!(sha256_hex(&f32_bytes(t)), want.sha, "{what}: sha256");
     }
 
-    /// torch-rng.md §9, seed 0: A = (16, 50), then B = (100, 8), both kernels.
+    /// Golden values (docs/torch-rng.md §9), seed 0: A = (16, 50), then B = (100, 8), both kernels.
     #[test]
     fn golden_kaiming_seed0_16x50_100x8() {
         let cases = [
@@ -1085,7 +1118,7 @@ mod tests {
         }
     }
 
-    /// torch-rng.md §9, seed 42: A = (128, 768), then B = (768, 64), both kernels.
+    /// Golden values (docs/torch-rng.md §9), seed 42: A = (128, 768), then B = (768, 64), both kernels.
     #[test]
     fn golden_kaiming_seed42_128x768_768x64() {
         let cases = [
@@ -1141,7 +1174,7 @@ mod tests {
         }
     }
 
-    /// torch-rng.md §5 "Check" (= pvera-spec.md example): key 0, r = 4,
+    /// The PVeRA example of docs/torch-rng.md §5: key 0, r = 4,
     /// in = out = 20, FMA kernel.
     #[test]
     fn golden_pvera_example() {
@@ -1154,7 +1187,7 @@ mod tests {
         assert_eq!(f32_bits(&b[..4]), f32_bits(&b_want));
     }
 
-    /// torch-rng.md §9 randn table (seed 0). The AVX2 rows and the n < 16
+    /// torch's randn values for seed 0 (docs/torch-rng.md §9). The AVX2 rows and the n < 16
     /// rows are from the doc; the DEFAULT hashes for n >= 16 are abbreviated
     /// there (`5dc71d65…4f4e` etc.) and were taken in full from a fresh
     /// torch 2.15.0 run under `ATEN_CPU_CAPABILITY=default`
@@ -1534,7 +1567,7 @@ mod tests {
         g
     }
 
-    /// torch-rng.md §7.3: randn (n >= 16) consumes n + 16*(n%16 != 0)
+    /// docs/torch-rng.md §7.3: randn (n >= 16) consumes n + 16*(n%16 != 0)
     /// outputs and leaves the cache alone; n < 16 consumes 4 per pair.
     #[test]
     fn randn_consumption() {
@@ -1579,7 +1612,7 @@ mod tests {
         assert_eq!(g.randn_f32(1)[0], cached.unwrap() as f32);
     }
 
-    /// torch-rng.md §7.2: randn(1) twice == randn(2), and the cache crosses
+    /// docs/torch-rng.md §7.2: randn(1) twice == randn(2), and the cache crosses
     /// other calls.
     #[test]
     fn randn_cache_continuity() {
@@ -1598,7 +1631,7 @@ mod tests {
         );
     }
 
-    /// torch-rng.md §2.3: only the low 32 bits seed the engine.
+    /// docs/torch-rng.md §2.3: only the low 32 bits seed the engine.
     #[test]
     fn seed_low_word_only() {
         let mut a = TorchGenerator::new((1 << 32) + 5);
@@ -1634,7 +1667,7 @@ mod tests {
         }
     }
 
-    /// torch-rng.md §5: zero-element tensors consume nothing; A then B is one
+    /// docs/torch-rng.md §5: zero-element tensors consume nothing; A then B is one
     /// stream of 2r*in + out*r outputs.
     #[test]
     fn kaiming_consumption() {
@@ -1659,7 +1692,7 @@ mod tests {
     }
 
     /// Symmetric bounds never hit the clamp; `[1000, 1001)` does, and never
-    /// returns 1001 (torch-rng.md §4).
+    /// returns 1001 (docs/torch-rng.md §4).
     #[test]
     fn uniform_clamp() {
         for kernel in [TorchKernel::Avx2, TorchKernel::Default] {

@@ -38,7 +38,7 @@ pub enum Sampling {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum NoisePolicy {
     /// PEFT's behaviour: every adapted layer owns a generator seeded with `generator_seed`, so
-    /// same-shaped layers draw identical noise on every call (spec §9.2). Sampled outputs match
+    /// same-shaped layers draw identical noise on every call (docs/peft-behaviour.md §5). Sampled outputs match
     /// PEFT's given the same inputs.
     #[default]
     PeftCompatible,

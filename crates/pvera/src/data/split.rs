@@ -29,32 +29,10 @@ pub struct Split {
     pub rest: Vec<usize>,
 }
 
-/// `torch.randperm(n, generator=torch.Generator().manual_seed(seed))` as indices.
+/// `torch.randperm(n, generator=torch.Generator().manual_seed(seed))` as indices
+/// ([`TorchGenerator::randperm`] on a fresh generator).
 pub fn randperm(n: usize, seed: u64) -> Vec<usize> {
-    let mut g = TorchGenerator::new(seed);
-    randperm_with(n, &mut g)
-}
-
-/// `torch.randperm(n, generator=g)` advancing `g` as PyTorch does.
-pub fn randperm_with(n: usize, g: &mut TorchGenerator) -> Vec<usize> {
-    if (n as u64) < u64::from(u32::MAX) / 20 {
-        // aten randperm_cpu, small-n branch: Fisher-Yates with one 32-bit draw per position.
-        let mut r: Vec<usize> = (0..n).collect();
-        for i in 0..n.saturating_sub(1) {
-            let z = (u64::from(g.random()) % (n - i) as u64) as usize;
-            r.swap(i, z + i);
-        }
-        r
-    } else {
-        // Large-n branch: "inside-out" Fisher-Yates with 64-bit draws.
-        let mut r = vec![0usize; n];
-        for i in 0..n {
-            let z = (g.random64() % (i as u64 + 1)) as usize;
-            r[i] = r[z];
-            r[z] = i;
-        }
-        r
-    }
+    TorchGenerator::new(seed).randperm(n)
 }
 
 /// How many examples go to validation.

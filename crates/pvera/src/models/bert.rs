@@ -25,10 +25,11 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
 use super::common::{multi_head_attention, Activation, Embedding, LayerNorm};
+use super::config_json::ConfigJson;
 use super::loader::ModelDir;
 use super::{ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
-use crate::inject::{Builder, ModelInfo, Registry};
+use crate::builder::{Builder, ModelInfo, Registry};
 use crate::layer::Linear;
 use crate::state::RunState;
 
@@ -63,96 +64,59 @@ pub struct BertConfig {
 impl BertConfig {
     /// Reads and checks a parsed `config.json` (`path` is the model directory, for messages).
     pub fn from_json(config: &Value, path: &std::path::Path) -> Result<Self> {
-        let cfg_path = path.join("config.json").display().to_string();
-        let bad = |reason: String| Error::ConfigParse { path: cfg_path.clone(), reason };
-        let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("bert").to_string();
+        let c = ConfigJson::new(config, path);
+        let model_type = c.str_or("model_type", "bert")?.to_string();
         if model_type != "bert" && model_type != "roberta" {
-            return Err(bad(format!(
+            return Err(c.error(format!(
                 "model_type {model_type:?} is not a BERT-family type this loader knows (bert, roberta)"
             )));
         }
-        let req = |key: &str| -> Result<usize> {
-            config.get(key).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| {
-                bad(format!(
-                    "missing or non-integer \"{key}\" (transformers' save_pretrained always writes it; \
-                     the file may be truncated or not a {model_type} config)"
-                ))
-            })
-        };
-        let opt = |key: &str, default: usize| -> Result<usize> {
-            match config.get(key) {
-                None | Some(Value::Null) => Ok(default),
-                Some(v) => v
-                    .as_u64()
-                    .map(|v| v as usize)
-                    .ok_or_else(|| bad(format!("\"{key}\" must be a non-negative integer, got {v}"))),
-            }
-        };
-        let hidden_size = req("hidden_size")?;
-        let num_attention_heads = req("num_attention_heads")?;
-        if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
-            return Err(bad(format!(
+        let hidden_size = c.positive(&["hidden_size"])?;
+        let num_attention_heads = c.positive(&["num_attention_heads"])?;
+        if hidden_size % num_attention_heads != 0 {
+            return Err(c.error(format!(
                 "hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"
             )));
         }
-        let act_name = match config.get("hidden_act") {
-            None | Some(Value::Null) => "gelu",
-            Some(v) => v.as_str().ok_or_else(|| bad(format!("\"hidden_act\" must be a string, got {v}")))?,
-        };
-        let hidden_act = Activation::from_name(act_name).ok_or_else(|| {
-            bad(format!(
-                "hidden_act {act_name:?} is not supported (supported: gelu, gelu_new, gelu_pytorch_tanh, \
-                 gelu_fast, relu, silu, swish)"
-            ))
-        })?;
-        match config.get("position_embedding_type").and_then(Value::as_str) {
-            None | Some("absolute") => {}
-            Some(other) => {
-                return Err(bad(format!(
+        match c.str_or("position_embedding_type", "absolute")? {
+            "absolute" => {}
+            other => {
+                return Err(c.error(format!(
                     "position_embedding_type {other:?}: only absolute position embeddings are supported \
                      (transformers 5 dropped relative_key / relative_key_query for BERT)"
                 )))
             }
         }
         for flag in ["is_decoder", "add_cross_attention"] {
-            if config.get(flag).and_then(Value::as_bool) == Some(true) {
-                return Err(bad(format!(
+            if c.bool_or(flag, false)? {
+                return Err(c.error(format!(
                     "\"{flag}\": true (a BERT decoder) is not supported; pvera's BertModel is the \
                      bidirectional encoder. Set it to false if the checkpoint is used as an encoder"
                 )));
             }
         }
+        // An absent pad_token_id takes the family's default; an explicit null means none.
         let default_pad = if model_type == "roberta" { 1 } else { 0 };
         let pad_token_id = match config.get("pad_token_id") {
             None => Some(default_pad),
-            Some(Value::Null) => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .map(|v| v as usize)
-                    .ok_or_else(|| bad(format!("\"pad_token_id\" must be a non-negative integer, got {v}")))?,
-            ),
+            Some(_) => c.opt_count("pad_token_id")?,
         };
         if model_type == "roberta" && pad_token_id.is_none() {
-            return Err(bad(
+            return Err(c.error(
                 "pad_token_id is null, but RoBERTa's position ids are computed from it; set the \
-                 tokenizer's padding id (usually 1)"
-                    .into(),
+                 tokenizer's padding id (usually 1)",
             ));
         }
-        let layer_norm_eps = match config.get("layer_norm_eps") {
-            None | Some(Value::Null) => 1e-12,
-            Some(v) => v.as_f64().ok_or_else(|| bad(format!("\"layer_norm_eps\" must be a number, got {v}")))?,
-        };
         Ok(Self {
-            vocab_size: req("vocab_size")?,
+            vocab_size: c.positive(&["vocab_size"])?,
             hidden_size,
-            num_hidden_layers: req("num_hidden_layers")?,
+            num_hidden_layers: c.positive(&["num_hidden_layers"])?,
             num_attention_heads,
-            intermediate_size: req("intermediate_size")?,
-            max_position_embeddings: opt("max_position_embeddings", 512)?,
-            type_vocab_size: opt("type_vocab_size", 2)?,
-            layer_norm_eps,
-            hidden_act,
+            intermediate_size: c.positive(&["intermediate_size"])?,
+            max_position_embeddings: c.opt_count("max_position_embeddings")?.unwrap_or(512),
+            type_vocab_size: c.opt_count("type_vocab_size")?.unwrap_or(2),
+            layer_norm_eps: c.f64_or("layer_norm_eps", 1e-12)?,
+            hidden_act: c.activation("hidden_act", "gelu")?,
             pad_token_id,
             model_type,
         })

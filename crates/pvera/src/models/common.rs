@@ -7,7 +7,7 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
-use crate::inject::Builder;
+use crate::builder::Builder;
 
 /// `nn.LayerNorm` (weight, bias, eps).
 #[derive(Clone, Debug)]

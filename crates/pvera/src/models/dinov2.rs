@@ -16,7 +16,7 @@
 //! `Dinov2Embeddings.interpolate_pos_encoding` does: unchanged when the patch count equals the
 //! stored grid and the image is square; otherwise the grid is cast to f32, resized with
 //! `interpolate(size=(H // p, W // p), mode="bicubic", align_corners=False)` (an explicit size,
-//! no scale factor, no antialias) and cast back. [`interpolate_bicubic`] is torch's CPU kernel,
+//! no scale factor, no antialias) and cast back. [`super::interpolate::interpolate_bicubic`] is torch's CPU kernel,
 //! bit for bit. The mask token is not used (`bool_masked_pos` is a pre-training input).
 //! Eval-mode forward: dropout and drop path are identities.
 
@@ -26,14 +26,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 
 use super::common::{Activation, LayerNorm};
-use super::loader::{config_f64, ModelDir};
-use super::vit::{
-    attention_dims, config_activation, config_bool, config_pair, config_usize_or, interpolate_pos_encoding,
-    open_weights, PatchEmbeddings, SelfAttention,
-};
+use super::interpolate::interpolate_pos_encoding;
+use super::loader::ModelDir;
+use super::vit::{attention_dims, open_weights, PatchEmbeddings, SelfAttention};
 use super::{ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
-use crate::inject::{AltScheme, ModelInfo, Registry};
+use crate::builder::{AltScheme, ModelInfo, Registry};
 use crate::layer::Linear;
 use crate::state::RunState;
 
@@ -108,97 +106,6 @@ fn v5_tensors_to_checkpoint(tensors: BTreeMap<String, Tensor>) -> Result<HashMap
 }
 
 // ---------------------------------------------------------------------------------------------
-// torch's bicubic resize
-// ---------------------------------------------------------------------------------------------
-
-const CUBIC_A: f32 = -0.75;
-
-/// `((A + 2) x - (A + 3)) x x + 1` for |x| <= 1, rounded as torch's CPU build computes it.
-fn cubic1(x: f32) -> f32 {
-    let u = (CUBIC_A + 2.0).mul_add(x, -(CUBIC_A + 3.0));
-    (u * x) * x + 1.0
-}
-
-/// `((A x - 5A) x + 8A) x - 4A` for 1 < |x| < 2, rounded as torch's CPU build computes it.
-fn cubic2(x: f32) -> f32 {
-    let u = CUBIC_A.mul_add(x, -(5.0 * CUBIC_A));
-    let u = u.mul_add(x, 8.0 * CUBIC_A);
-    u * x - 4.0 * CUBIC_A
-}
-
-/// For each output index: the four (clamped) source indices and their weights (computed in
-/// f32, then stored in the tensor's dtype as torch stores them: `round` rounds them to it).
-fn cubic_taps(input: usize, output: usize, round: fn(f32) -> f32) -> Vec<([usize; 4], [f32; 4])> {
-    // area_pixel_compute_scale (no scale factor: input / output in f32), then
-    // area_pixel_compute_source_index(cubic=true): scale * (i + 0.5) - 0.5, not clamped at 0.
-    let scale = input as f32 / output as f32;
-    (0..output)
-        .map(|i| {
-            let real = scale.mul_add(i as f32 + 0.5, -0.5);
-            // guard_index_and_lambda
-            let idx = (real.floor() as i64).min(input as i64 - 1);
-            let t = (real - idx as f32).clamp(0.0, 1.0);
-            let w = [cubic2(t + 1.0), cubic1(t), cubic1(1.0 - t), cubic2((1.0 - t) + 1.0)].map(round);
-            let mut ids = [0usize; 4];
-            for (j, id) in ids.iter_mut().enumerate() {
-                *id = (idx - 1 + j as i64).clamp(0, input as i64 - 1) as usize;
-            }
-            (ids, w)
-        })
-        .collect()
-}
-
-/// `x0 c0 + x1 c1 + x2 c2 + x3 c3` with the rounding of torch's compiled `cubic_interp1d`.
-#[inline]
-fn dot4(v: [f32; 4], w: &[f32; 4]) -> f32 {
-    let acc = v[1] * w[1];
-    let acc = v[0].mul_add(w[0], acc);
-    let acc = v[2].mul_add(w[2], acc);
-    v[3].mul_add(w[3], acc)
-}
-
-/// `torch.nn.functional.interpolate(x, size=(out_h, out_w), mode="bicubic", align_corners=False)`
-/// for (N, C, H, W) tensors: A = -0.75, source indices clamped at the borders, no antialiasing.
-///
-/// Computed in f32 on the host as torch's CPU kernel computes it (bit-exact with torch 2.x on
-/// CPUs with FMA, i.e. its AVX2 / AVX-512 builds) and returned in `x`'s dtype and device. For
-/// f16 / bf16 inputs torch keeps the interpolation weights in that dtype and accumulates in
-/// f32; so does this (f64 inputs are computed in f32).
-pub fn interpolate_bicubic(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    if out_h == 0 || out_w == 0 || h == 0 || w == 0 {
-        return Err(Error::Model(format!(
-            "bicubic interpolation from {h}x{w} to {out_h}x{out_w}: every size must be positive"
-        )));
-    }
-    if (h, w) == (out_h, out_w) {
-        return Ok(x.clone());
-    }
-    let src: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let round: fn(f32) -> f32 = match x.dtype() {
-        DType::BF16 => |v| half::bf16::from_f32(v).to_f32(),
-        DType::F16 => |v| half::f16::from_f32(v).to_f32(),
-        _ => |v| v,
-    };
-    let ry = cubic_taps(h, out_h, round);
-    let rx = cubic_taps(w, out_w, round);
-    let mut out = vec![0f32; n * c * out_h * out_w];
-    for (plane, dst) in src.chunks_exact(h * w).zip(out.chunks_exact_mut(out_h * out_w)) {
-        for (oy, (iy, wy)) in ry.iter().enumerate() {
-            for (ox, (ix, wx)) in rx.iter().enumerate() {
-                let mut rows = [0f32; 4];
-                for (r, &yy) in rows.iter_mut().zip(iy) {
-                    let row = &plane[yy * w..(yy + 1) * w];
-                    *r = dot4([row[ix[0]], row[ix[1]], row[ix[2]], row[ix[3]]], wx);
-                }
-                dst[oy * out_w + ox] = dot4(rows, wy);
-            }
-        }
-    }
-    Ok(Tensor::from_vec(out, (n, c, out_h, out_w), x.device())?.to_dtype(x.dtype())?)
-}
-
-// ---------------------------------------------------------------------------------------------
 // The model
 // ---------------------------------------------------------------------------------------------
 
@@ -264,29 +171,25 @@ impl Dinov2Model {
         dtype: Option<DType>,
         device: &Device,
     ) -> Result<(Self, Registry)> {
+        let c = dir.fields();
         let (hidden, heads, head_dim) = attention_dims(dir)?;
-        let layers_n = dir.usize_field("num_hidden_layers")?;
-        let image_size = config_pair(dir, "image_size")?;
-        let patch = config_pair(dir, "patch_size")?;
-        let channels = config_usize_or(dir, "num_channels", 3)?;
-        let eps = config_f64(&dir.config, "layer_norm_eps", 1e-6);
-        let qkv_bias = config_bool(dir, "qkv_bias", true)?;
-        let swiglu = config_bool(dir, "use_swiglu_ffn", false)?;
-        let mlp_ratio = config_f64(&dir.config, "mlp_ratio", 4.0);
-        let cfg_err =
-            |reason: String| Error::ConfigParse { path: dir.path.join("config.json").display().to_string(), reason };
-        if !(mlp_ratio.is_finite() && mlp_ratio > 0.0) {
-            return Err(cfg_err(format!("\"mlp_ratio\" must be a positive number, got {mlp_ratio}")));
-        }
+        let layers_n = c.positive(&["num_hidden_layers"])?;
+        let image_size = c.pair("image_size")?;
+        let patch = c.pair("patch_size")?;
+        let channels = c.positive_or("num_channels", 3)?;
+        let eps = c.f64_or("layer_norm_eps", 1e-6)?;
+        let qkv_bias = c.bool_or("qkv_bias", true)?;
+        let swiglu = c.bool_or("use_swiglu_ffn", false)?;
+        let mlp_ratio = c.positive_f64_or("mlp_ratio", 4.0)?;
         // int(hidden_size * mlp_ratio), as Dinov2MLP computes it
         let mlp_hidden = (hidden as f64 * mlp_ratio) as usize;
         let num_patches = (image_size.0 / patch.0) * (image_size.1 / patch.1);
         if num_patches == 0 || mlp_hidden == 0 {
-            return Err(cfg_err(format!(
+            return Err(c.error(format!(
                 "image_size {image_size:?} / patch_size {patch:?} / mlp_ratio {mlp_ratio} give an empty model"
             )));
         }
-        let act = if swiglu { Activation::Silu } else { config_activation(dir, "hidden_act", "gelu")? };
+        let act = if swiglu { Activation::Silu } else { c.activation("hidden_act", "gelu")? };
 
         let vb = open_weights(
             dir,
@@ -391,29 +294,5 @@ mod tests {
         assert_eq!(v5_name("encoder.layer.2.mlp.weights_out").as_deref(), Some("encoder.layer.2.mlp.down_proj"));
         assert_eq!(v5_name("encoder.layer.2.mlp.weights_in"), None);
         assert_eq!(v5_name("layernorm"), None);
-    }
-
-    #[test]
-    fn cubic_weights_sum_to_one_and_identity_is_exact() {
-        for (i, o) in [(4, 5), (37, 16), (5, 3), (7, 11)] {
-            for (_, w) in cubic_taps(i, o, |v| v) {
-                let s: f32 = w.iter().sum();
-                assert!((s - 1.0).abs() < 1e-5, "{w:?}");
-            }
-        }
-        for (ids, w) in cubic_taps(6, 6, |v| v) {
-            assert_eq!(w, [0.0, 1.0, 0.0, 0.0]);
-            assert!(ids[1] < 6);
-        }
-    }
-
-    #[test]
-    fn bicubic_keeps_constants_and_shapes() {
-        let x = Tensor::full(2.5f32, (1, 3, 4, 4), &Device::Cpu).unwrap();
-        let y = interpolate_bicubic(&x, 7, 3).unwrap();
-        assert_eq!(y.dims(), &[1, 3, 7, 3]);
-        let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-        assert!(v.iter().all(|a| (a - 2.5).abs() < 1e-5), "{v:?}");
-        assert!(interpolate_bicubic(&x, 0, 3).is_err());
     }
 }

@@ -17,14 +17,11 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::common::{Activation, Embedding, LayerNorm};
-use super::llama::{
-    cfg_activation, decoder_layout, cfg_bool, cfg_pos_f64, check_ids, check_token_inputs, explicitly_lm, opt_usize, req_usize,
-    CausalMask, Head, Layout,
-};
+use super::llama::{check_ids, check_token_inputs, decoder_layout, CausalMask, Head, Layout};
 use super::loader::ModelDir;
 use super::{ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
-use crate::inject::{Builder, ModelInfo, Registry};
+use crate::builder::{Builder, ModelInfo, Registry};
 use crate::layer::Linear;
 use crate::state::RunState;
 
@@ -56,33 +53,30 @@ pub struct Gpt2Config {
 impl Gpt2Config {
     /// Parses `dir`'s `config.json` as transformers' `GPT2Config` does.
     pub fn from_dir(dir: &ModelDir) -> Result<Self> {
-        let cfg_err = |reason: String| Error::ConfigParse {
-            path: dir.path.join("config.json").display().to_string(),
-            reason,
-        };
-        let hidden_size = req_usize(dir, &["n_embd", "hidden_size"])?;
-        let num_attention_heads = req_usize(dir, &["n_head", "num_attention_heads"])?;
+        let c = dir.fields();
+        let hidden_size = c.positive(&["n_embd", "hidden_size"])?;
+        let num_attention_heads = c.positive(&["n_head", "num_attention_heads"])?;
         if hidden_size % num_attention_heads != 0 {
-            return Err(cfg_err(format!(
+            return Err(c.error(format!(
                 "n_embd ({hidden_size}) must be a multiple of n_head ({num_attention_heads})"
             )));
         }
-        if cfg_bool(dir, "add_cross_attention", false)? {
-            return Err(cfg_err(
-                "add_cross_attention=true (GPT-2 as an encoder-decoder decoder) is not supported".into(),
+        if c.bool_or("add_cross_attention", false)? {
+            return Err(c.error(
+                "add_cross_attention=true (GPT-2 as an encoder-decoder decoder) is not supported",
             ));
         }
         Ok(Self {
-            vocab_size: req_usize(dir, &["vocab_size"])?,
+            vocab_size: c.positive(&["vocab_size"])?,
             hidden_size,
-            num_hidden_layers: req_usize(dir, &["n_layer", "num_hidden_layers"])?,
+            num_hidden_layers: c.positive(&["n_layer", "num_hidden_layers"])?,
             num_attention_heads,
-            max_position_embeddings: req_usize(dir, &["n_positions", "max_position_embeddings"])?,
-            inner_size: opt_usize(dir, "n_inner")?.unwrap_or(4 * hidden_size),
-            activation: cfg_activation(dir, "activation_function", "gelu_new")?,
-            layer_norm_epsilon: cfg_pos_f64(dir, "layer_norm_epsilon", 1e-5)?,
-            scale_attn_weights: cfg_bool(dir, "scale_attn_weights", true)?,
-            scale_attn_by_inverse_layer_idx: cfg_bool(dir, "scale_attn_by_inverse_layer_idx", false)?,
+            max_position_embeddings: c.positive(&["n_positions", "max_position_embeddings"])?,
+            inner_size: c.opt_positive("n_inner")?.unwrap_or(4 * hidden_size),
+            activation: c.activation("activation_function", "gelu_new")?,
+            layer_norm_epsilon: c.positive_f64_or("layer_norm_epsilon", 1e-5)?,
+            scale_attn_weights: c.bool_or("scale_attn_weights", true)?,
+            scale_attn_by_inverse_layer_idx: c.bool_or("scale_attn_by_inverse_layer_idx", false)?,
         })
     }
 }
@@ -213,7 +207,7 @@ impl Gpt2Model {
                     .into(),
             });
         }
-        if lay.prefix.is_some() && lay.head == Head::None && explicitly_lm(dir, LM_CLASSES) {
+        if lay.prefix.is_some() && lay.head == Head::None && dir.fields().architectures_name(LM_CLASSES) {
             return Err(Error::MissingTensor {
                 file: dir.path.display().to_string(),
                 key: "lm_head.weight".into(),

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::loader::ModelDir;
 use super::{AnyModel, ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
-use crate::inject::{ModelInfo, Registry};
+use crate::builder::{ModelInfo, Registry};
 use crate::layer::Linear;
 use crate::rng::TorchGenerator;
 use crate::state::RunState;

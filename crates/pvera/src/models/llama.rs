@@ -22,97 +22,17 @@ use candle_core::{DType, Device, Tensor, D};
 use serde_json::Value;
 
 use super::common::{attention, Activation, Embedding, RmsNorm};
-use super::loader::{config_f64, config_str, ModelDir};
+use super::config_json::ConfigJson;
+use super::loader::ModelDir;
 use super::{ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
-use crate::inject::{Builder, ModelInfo, Registry};
+use crate::builder::{Builder, ModelInfo, Registry};
 use crate::layer::Linear;
 use crate::state::RunState;
 
 // ----------------------------------------------------------------------------------------------
 // Helpers shared with the GPT-2 family (token inputs, causal masks, config fields)
 // ----------------------------------------------------------------------------------------------
-
-fn cfg_path(dir: &ModelDir) -> String {
-    dir.path.join("config.json").display().to_string()
-}
-
-fn cfg_err(dir: &ModelDir, reason: impl Into<String>) -> Error {
-    Error::ConfigParse { path: cfg_path(dir), reason: reason.into() }
-}
-
-/// A required positive integer field of `config.json`, trying `keys` in order (aliases such as
-/// GPT-2's `n_embd` / `hidden_size`).
-pub(crate) fn req_usize(dir: &ModelDir, keys: &[&str]) -> Result<usize> {
-    for k in keys {
-        match dir.config.get(*k) {
-            None | Some(Value::Null) => continue,
-            Some(v) => {
-                return v.as_u64().filter(|n| *n > 0).map(|n| n as usize).ok_or_else(|| {
-                    cfg_err(dir, format!("\"{k}\" must be a positive integer, found {v}"))
-                })
-            }
-        }
-    }
-    Err(cfg_err(dir, format!("missing \"{}\" (a positive integer)", keys.join("\" or \""))))
-}
-
-/// An optional positive integer field (`null` or absent: `None`).
-pub(crate) fn opt_usize(dir: &ModelDir, key: &str) -> Result<Option<usize>> {
-    match dir.config.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .filter(|n| *n > 0)
-            .map(|n| Some(n as usize))
-            .ok_or_else(|| cfg_err(dir, format!("\"{key}\" must be a positive integer or null, found {v}"))),
-    }
-}
-
-/// A boolean field with a default (absent or `null`: the default).
-pub(crate) fn cfg_bool(dir: &ModelDir, key: &str, default: bool) -> Result<bool> {
-    match dir.config.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => Err(cfg_err(dir, format!("\"{key}\" must be true or false, found {v}"))),
-    }
-}
-
-/// A positive float field with a default.
-pub(crate) fn cfg_pos_f64(dir: &ModelDir, key: &str, default: f64) -> Result<f64> {
-    match dir.config.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_f64()
-            .filter(|x| x.is_finite() && *x > 0.0)
-            .ok_or_else(|| cfg_err(dir, format!("\"{key}\" must be a positive number, found {v}"))),
-    }
-}
-
-/// The activation named by `key` (default `default`).
-pub(crate) fn cfg_activation(dir: &ModelDir, key: &str, default: &str) -> Result<Activation> {
-    let name = config_str(&dir.config, key, default);
-    Activation::from_name(name).ok_or_else(|| {
-        cfg_err(dir, format!("\"{key}\": unsupported activation {name:?}; supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish"))
-    })
-}
-
-/// True when `config.architectures` is absent or names one of `classes`.
-pub(crate) fn architectures_allow(dir: &ModelDir, classes: &[&str]) -> bool {
-    match dir.config.get("architectures").and_then(Value::as_array) {
-        None => true,
-        Some(a) if a.is_empty() => true,
-        Some(a) => a.iter().filter_map(Value::as_str).any(|s| classes.contains(&s)),
-    }
-}
-
-/// True when `config.architectures` explicitly names one of `classes`.
-pub(crate) fn explicitly_lm(dir: &ModelDir, classes: &[&str]) -> bool {
-    dir.config
-        .get("architectures")
-        .and_then(Value::as_array)
-        .is_some_and(|a| a.iter().filter_map(Value::as_str).any(|s| classes.contains(&s)))
-}
 
 /// Checks an id tensor (rank 2, integer, ids in `0..vocab`) named `key`; returns `(batch, seq)`.
 pub(crate) fn check_ids(ids: &Tensor, key: &str, vocab: usize) -> Result<(usize, usize)> {
@@ -298,9 +218,9 @@ pub struct LlamaConfig {
     pub rope_scaling: RopeScaling,
 }
 
-fn rope_f64(dir: &ModelDir, params: &serde_json::Map<String, Value>, key: &str, kind: &str) -> Result<f64> {
+fn rope_f64(c: &ConfigJson<'_>, params: &serde_json::Map<String, Value>, key: &str, kind: &str) -> Result<f64> {
     params.get(key).and_then(Value::as_f64).filter(|x| x.is_finite()).ok_or_else(|| {
-        cfg_err(dir, format!("rope type {kind:?} needs a number \"{key}\" in \"rope_parameters\" (or \"rope_scaling\")"))
+        c.error(format!("rope type {kind:?} needs a number \"{key}\" in \"rope_parameters\" (or \"rope_scaling\")"))
     })
 }
 
@@ -308,24 +228,23 @@ impl LlamaConfig {
     /// Parses `dir`'s `config.json` as transformers' `LlamaConfig` does (including the
     /// transformers-4 `rope_theta` / `rope_scaling` fields).
     pub fn from_dir(dir: &ModelDir) -> Result<Self> {
-        let hidden_size = req_usize(dir, &["hidden_size"])?;
-        let num_attention_heads = req_usize(dir, &["num_attention_heads"])?;
-        let num_key_value_heads = opt_usize(dir, "num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let c = dir.fields();
+        let hidden_size = c.positive(&["hidden_size"])?;
+        let num_attention_heads = c.positive(&["num_attention_heads"])?;
+        let num_key_value_heads = c.opt_positive("num_key_value_heads")?.unwrap_or(num_attention_heads);
         if num_attention_heads % num_key_value_heads != 0 {
-            return Err(cfg_err(
-                dir,
+            return Err(c.error(
                 format!(
                     "num_attention_heads ({num_attention_heads}) must be a multiple of num_key_value_heads \
                      ({num_key_value_heads}) for grouped-query attention"
                 ),
             ));
         }
-        let head_dim = match opt_usize(dir, "head_dim")? {
+        let head_dim = match c.opt_positive("head_dim")? {
             Some(h) => h,
             None => {
                 if hidden_size % num_attention_heads != 0 {
-                    return Err(cfg_err(
-                        dir,
+                    return Err(c.error(
                         format!(
                             "hidden_size ({hidden_size}) is not a multiple of num_attention_heads \
                              ({num_attention_heads}) and no \"head_dim\" is given"
@@ -336,23 +255,23 @@ impl LlamaConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(cfg_err(dir, format!("head_dim ({head_dim}) must be even for rotary embeddings")));
+            return Err(c.error(format!("head_dim ({head_dim}) must be even for rotary embeddings")));
         }
         // transformers: rope_parameters = rope_scaling or rope_parameters; rope_theta from the
         // dict, else the top-level field, else 10000; rope_type from "rope_type", else "type".
         let empty = serde_json::Map::new();
-        let params = match (dir.config.get("rope_scaling"), dir.config.get("rope_parameters")) {
+        let params = match (c.value().get("rope_scaling"), c.value().get("rope_parameters")) {
             (Some(Value::Object(m)), _) if !m.is_empty() => m,
             (_, Some(Value::Object(m))) => m,
             (_, None | Some(Value::Null)) => &empty,
-            (_, Some(v)) => return Err(cfg_err(dir, format!("\"rope_parameters\" must be an object, found {v}"))),
+            (_, Some(v)) => return Err(c.error(format!("\"rope_parameters\" must be an object, found {v}"))),
         };
         let rope_theta = match params.get("rope_theta") {
-            Some(Value::Null) | None => config_f64(&dir.config, "rope_theta", 10000.0),
-            Some(v) => v.as_f64().ok_or_else(|| cfg_err(dir, format!("\"rope_theta\" must be a number, found {v}")))?,
+            Some(Value::Null) | None => c.f64_or("rope_theta", 10000.0)?,
+            Some(v) => v.as_f64().ok_or_else(|| c.error(format!("\"rope_theta\" must be a number, found {v}")))?,
         };
         if !(rope_theta.is_finite() && rope_theta > 0.0) {
-            return Err(cfg_err(dir, format!("rope_theta must be a positive number, found {rope_theta}")));
+            return Err(c.error(format!("rope_theta must be a positive number, found {rope_theta}")));
         }
         let kind = params
             .get("rope_type")
@@ -365,38 +284,36 @@ impl LlamaConfig {
             let partial = params
                 .get("partial_rotary_factor")
                 .and_then(Value::as_f64)
-                .or_else(|| dir.config.get("partial_rotary_factor").and_then(Value::as_f64))
+                .or_else(|| c.value().get("partial_rotary_factor").and_then(Value::as_f64))
                 .unwrap_or(1.0);
             if partial != 1.0 {
-                return Err(cfg_err(
-                    dir,
+                return Err(c.error(
                     format!("rope type {kind:?} with partial_rotary_factor {partial} is not supported (only 1.0)"),
                 ));
             }
         }
         let rope_scaling = match kind {
             "default" => RopeScaling::Default,
-            "linear" => RopeScaling::Linear { factor: rope_f64(dir, params, "factor", kind)? },
+            "linear" => RopeScaling::Linear { factor: rope_f64(&c, params, "factor", kind)? },
             "llama3" => {
                 // transformers: a top-level original_max_position_embeddings wins, then the
                 // dict's, then max_position_embeddings.
-                let orig = match dir.config.get("original_max_position_embeddings").and_then(Value::as_f64) {
+                let orig = match c.value().get("original_max_position_embeddings").and_then(Value::as_f64) {
                     Some(v) => v,
                     None => match params.get("original_max_position_embeddings").and_then(Value::as_f64) {
                         Some(v) => v,
-                        None => req_usize(dir, &["max_position_embeddings"])? as f64,
+                        None => c.positive(&["max_position_embeddings"])? as f64,
                     },
                 };
                 RopeScaling::Llama3 {
-                    factor: rope_f64(dir, params, "factor", kind)?,
-                    low_freq_factor: rope_f64(dir, params, "low_freq_factor", kind)?,
-                    high_freq_factor: rope_f64(dir, params, "high_freq_factor", kind)?,
+                    factor: rope_f64(&c, params, "factor", kind)?,
+                    low_freq_factor: rope_f64(&c, params, "low_freq_factor", kind)?,
+                    high_freq_factor: rope_f64(&c, params, "high_freq_factor", kind)?,
                     original_max_position_embeddings: orig,
                 }
             }
             other => {
-                return Err(cfg_err(
-                    dir,
+                return Err(c.error(
                     format!(
                         "rope type {other:?} is not supported (supported: default, linear, llama3); \
                          dynamic/yarn/longrope checkpoints need their own frequency rules"
@@ -405,18 +322,18 @@ impl LlamaConfig {
             }
         };
         Ok(Self {
-            vocab_size: req_usize(dir, &["vocab_size"])?,
+            vocab_size: c.positive(&["vocab_size"])?,
             hidden_size,
-            intermediate_size: req_usize(dir, &["intermediate_size"])?,
-            num_hidden_layers: req_usize(dir, &["num_hidden_layers"])?,
+            intermediate_size: c.positive(&["intermediate_size"])?,
+            num_hidden_layers: c.positive(&["num_hidden_layers"])?,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: cfg_pos_f64(dir, "rms_norm_eps", 1e-6)?,
-            hidden_act: cfg_activation(dir, "hidden_act", "silu")?,
-            attention_bias: cfg_bool(dir, "attention_bias", false)?,
-            mlp_bias: cfg_bool(dir, "mlp_bias", false)?,
-            tie_word_embeddings: cfg_bool(dir, "tie_word_embeddings", false)?,
+            rms_norm_eps: c.positive_f64_or("rms_norm_eps", 1e-6)?,
+            hidden_act: c.activation("hidden_act", "silu")?,
+            attention_bias: c.bool_or("attention_bias", false)?,
+            mlp_bias: c.bool_or("mlp_bias", false)?,
+            tie_word_embeddings: c.bool_or("tie_word_embeddings", false)?,
             rope_theta,
             rope_scaling,
         })
@@ -504,7 +421,7 @@ pub(crate) fn decoder_layout(
     let head = match &prefix {
         None => Head::None,
         Some(_) if dir.names.contains("lm_head.weight") => Head::Own,
-        Some(_) if tied && architectures_allow(dir, lm_classes) => Head::Tied,
+        Some(_) if tied && dir.fields().architectures_allow(lm_classes) => Head::Tied,
         Some(_) => Head::None,
     };
     let class_name = match (&prefix, &head) {
@@ -683,7 +600,7 @@ impl LlamaModel {
                     .into(),
             });
         }
-        if lay.prefix.is_some() && lay.head == Head::None && explicitly_lm(dir, CAUSAL_CLASSES) {
+        if lay.prefix.is_some() && lay.head == Head::None && dir.fields().architectures_name(CAUSAL_CLASSES) {
             return Err(Error::MissingTensor {
                 file: dir.path.display().to_string(),
                 key: "lm_head.weight".into(),

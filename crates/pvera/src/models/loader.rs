@@ -9,8 +9,9 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
+use super::config_json::ConfigJson;
 use crate::error::{Error, Result};
-use crate::inject::Builder;
+use crate::builder::Builder;
 use crate::state::RunState;
 
 /// Task prefixes under which transformers' task classes keep the base model.
@@ -134,32 +135,15 @@ impl ModelDir {
         Ok(Builder::new_rooted(vb, state))
     }
 
-    /// A config field as usize.
-    pub fn usize_field(&self, key: &str) -> Result<usize> {
-        config_usize(&self.config, key, &self.path)
+    /// Typed reads of `config.json` ([`ConfigJson`]).
+    pub fn fields(&self) -> ConfigJson<'_> {
+        ConfigJson::new(&self.config, &self.path)
     }
-}
 
-/// Reads an unsigned integer field of a `config.json` value, naming the file and key on error.
-pub fn config_usize(config: &Value, key: &str, path: &Path) -> Result<usize> {
-    config
-        .get(key)
-        .and_then(Value::as_u64)
-        .map(|v| v as usize)
-        .ok_or_else(|| Error::ConfigParse {
-            path: path.join("config.json").display().to_string(),
-            reason: format!("missing or non-integer \"{key}\""),
-        })
-}
-
-/// Reads a float field, with a default.
-pub fn config_f64(config: &Value, key: &str, default: f64) -> f64 {
-    config.get(key).and_then(Value::as_f64).unwrap_or(default)
-}
-
-/// Reads a string field, with a default.
-pub fn config_str<'a>(config: &'a Value, key: &str, default: &'a str) -> &'a str {
-    config.get(key).and_then(Value::as_str).unwrap_or(default)
+    /// A required positive integer of `config.json` (`fields().positive(&[key])`).
+    pub fn usize_field(&self, key: &str) -> Result<usize> {
+        self.fields().positive(&[key])
+    }
 }
 
 /// The local Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else

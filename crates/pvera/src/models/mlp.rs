@@ -8,7 +8,7 @@
 use candle_core::{Tensor, D};
 
 use crate::error::Result;
-use crate::inject::{Builder, ModelInfo};
+use crate::builder::{Builder, ModelInfo};
 use crate::layer::Linear;
 
 /// PEFT's test MLP.

@@ -13,14 +13,16 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::inject::{ModelInfo, Registry};
+use crate::builder::{ModelInfo, Registry};
 use crate::state::RunState;
 
 pub mod bert;
 pub mod common;
+pub mod config_json;
 pub mod dinov2;
 pub mod gpt2;
 pub mod heads;
+pub mod interpolate;
 pub mod llama;
 pub mod loader;
 pub mod mlp;

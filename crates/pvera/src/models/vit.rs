@@ -15,20 +15,20 @@
 //! The forward pass is `ViTModel.forward` in eval mode (dropouts are identities; the tiny and
 //! published configs use 0.0). An input whose size differs from `image_size` gets its position
 //! embeddings interpolated as transformers does with `interpolate_pos_encoding=True` (bicubic,
-//! `align_corners=False`, [`super::dinov2::interpolate_bicubic`]); transformers refuses such an
+//! `align_corners=False`, [`super::interpolate::interpolate_bicubic`]); transformers refuses such an
 //! input without the flag.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use serde_json::Value;
 
 use super::common::{multi_head_attention, Activation, LayerNorm};
-use super::loader::{config_f64, config_str, ModelDir};
+use super::interpolate::interpolate_pos_encoding;
+use super::loader::ModelDir;
 use super::{ModelInputs, ModelOutputs};
 use crate::error::{Error, Result};
-use crate::inject::{AltScheme, Builder, ModelInfo, Registry};
+use crate::builder::{AltScheme, Builder, ModelInfo, Registry};
 use crate::layer::Linear;
 use crate::state::RunState;
 
@@ -84,68 +84,6 @@ fn v5_tensor_to_checkpoint(name: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Pieces shared with DINOv2
 // ---------------------------------------------------------------------------------------------
-
-fn config_path(dir: &ModelDir) -> String {
-    dir.path.join("config.json").display().to_string()
-}
-
-/// A config entry that is an integer or a `[height, width]` pair (`image_size`, `patch_size`).
-pub(crate) fn config_pair(dir: &ModelDir, key: &str) -> Result<(usize, usize)> {
-    let bad = || Error::ConfigParse {
-        path: config_path(dir),
-        reason: format!("\"{key}\" must be a positive integer or a [height, width] pair of them"),
-    };
-    match dir.config.get(key) {
-        Some(Value::Number(n)) => {
-            let v = n.as_u64().filter(|v| *v > 0).ok_or_else(bad)? as usize;
-            Ok((v, v))
-        }
-        Some(Value::Array(a)) if a.len() == 2 => {
-            let h = a[0].as_u64().filter(|v| *v > 0).ok_or_else(bad)? as usize;
-            let w = a[1].as_u64().filter(|v| *v > 0).ok_or_else(bad)? as usize;
-            Ok((h, w))
-        }
-        None => Err(Error::ConfigParse { path: config_path(dir), reason: format!("missing \"{key}\"") }),
-        _ => Err(bad()),
-    }
-}
-
-/// A positive integer config entry.
-pub(crate) fn config_positive(dir: &ModelDir, key: &str) -> Result<usize> {
-    let v = dir.usize_field(key)?;
-    if v == 0 {
-        return Err(Error::ConfigParse { path: config_path(dir), reason: format!("\"{key}\" must be positive") });
-    }
-    Ok(v)
-}
-
-/// An optional positive integer config entry with a default.
-pub(crate) fn config_usize_or(dir: &ModelDir, key: &str, default: usize) -> Result<usize> {
-    match dir.config.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(_) => config_positive(dir, key),
-    }
-}
-
-/// A boolean config entry with a default.
-pub(crate) fn config_bool(dir: &ModelDir, key: &str, default: bool) -> Result<bool> {
-    match dir.config.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(_) => {
-            Err(Error::ConfigParse { path: config_path(dir), reason: format!("\"{key}\" must be true or false") })
-        }
-    }
-}
-
-/// `hidden_act` as an [`Activation`].
-pub(crate) fn config_activation(dir: &ModelDir, key: &str, default: &str) -> Result<Activation> {
-    let name = config_str(&dir.config, key, default);
-    Activation::from_name(name).ok_or_else(|| Error::ConfigParse {
-        path: config_path(dir),
-        reason: format!("unsupported \"{key}\": {name:?} (supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish)"),
-    })
-}
 
 /// Opens the weights of a ViT-like model: with or without the task prefix, in the checkpoint
 /// scheme (memory-mapped) or in the transformers-5 scheme (read, renamed by `to_checkpoint`,
@@ -279,43 +217,6 @@ impl PatchEmbeddings {
     }
 }
 
-/// transformers' `interpolate_pos_encoding` (ViT and DINOv2 share the rule): the stored table
-/// (1, 1 + n², dim) as is when the patch count equals n² and the image is square, otherwise the
-/// n x n grid resized bicubically (`align_corners=False`) to `rows` x `columns` after the class
-/// position, in the table's dtype. `upcast`: resize in f32 and cast back (DINOv2) rather than
-/// in the table's dtype (ViT; matters for f16 / bf16 tables, whose interpolation weights torch
-/// rounds to that dtype).
-pub(crate) fn interpolate_pos_encoding(
-    pos: &Tensor,
-    rows: usize,
-    columns: usize,
-    height: usize,
-    width: usize,
-    upcast: bool,
-) -> Result<Tensor> {
-    let (_, n1, dim) = pos.dims3()?;
-    let num_positions = n1 - 1;
-    if rows * columns == num_positions && height == width {
-        return Ok(pos.clone());
-    }
-    let side = (num_positions as f64).sqrt() as usize;
-    if side * side != num_positions {
-        return Err(Error::Model(format!(
-            "position_embeddings hold {num_positions} patch positions, not a square grid, so they cannot be \
-             interpolated to a {rows}x{columns} patch grid; feed images of the configured image_size"
-        )));
-    }
-    let class = pos.narrow(1, 0, 1)?;
-    let grid = pos.narrow(1, 1, num_positions)?.reshape((1, side, side, dim))?.permute((0, 3, 1, 2))?;
-    let resized = if upcast {
-        super::dinov2::interpolate_bicubic(&grid.to_dtype(DType::F32)?, rows, columns)?.to_dtype(pos.dtype())?
-    } else {
-        super::dinov2::interpolate_bicubic(&grid, rows, columns)?
-    };
-    let resized = resized.permute((0, 2, 3, 1))?.reshape((1, rows * columns, dim))?;
-    Ok(Tensor::cat(&[class, resized], 1)?)
-}
-
 /// `attention.attention.{query,key,value}` + `attention.output.dense`, eager attention.
 #[derive(Clone, Debug)]
 pub(crate) struct SelfAttention {
@@ -359,19 +260,15 @@ impl SelfAttention {
 
 /// Hidden size, heads and head size from a config (`head_dim` when given, else hidden / heads).
 pub(crate) fn attention_dims(dir: &ModelDir) -> Result<(usize, usize, usize)> {
-    let hidden = config_positive(dir, "hidden_size")?;
-    let heads = config_positive(dir, "num_attention_heads")?;
-    let head_dim = match dir.config.get("head_dim") {
-        None | Some(Value::Null) => {
-            if hidden % heads != 0 {
-                return Err(Error::ConfigParse {
-                    path: config_path(dir),
-                    reason: format!("hidden_size {hidden} is not a multiple of num_attention_heads {heads}"),
-                });
-            }
-            hidden / heads
+    let c = dir.fields();
+    let hidden = c.positive(&["hidden_size"])?;
+    let heads = c.positive(&["num_attention_heads"])?;
+    let head_dim = match c.opt_positive("head_dim")? {
+        Some(d) => d,
+        None if hidden % heads != 0 => {
+            return Err(c.error(format!("hidden_size {hidden} is not a multiple of num_attention_heads {heads}")))
         }
-        Some(_) => config_positive(dir, "head_dim")?,
+        None => hidden / heads,
     };
     Ok((hidden, heads, head_dim))
 }
@@ -435,21 +332,19 @@ impl VitModel {
         dtype: Option<DType>,
         device: &Device,
     ) -> Result<(Self, Registry)> {
+        let c = dir.fields();
         let (hidden, heads, head_dim) = attention_dims(dir)?;
-        let layers_n = dir.usize_field("num_hidden_layers")?;
-        let intermediate = config_positive(dir, "intermediate_size")?;
-        let image_size = config_pair(dir, "image_size")?;
-        let patch = config_pair(dir, "patch_size")?;
-        let channels = config_usize_or(dir, "num_channels", 3)?;
-        let eps = config_f64(&dir.config, "layer_norm_eps", 1e-12);
-        let qkv_bias = config_bool(dir, "qkv_bias", true)?;
-        let act = config_activation(dir, "hidden_act", "gelu")?;
+        let layers_n = c.positive(&["num_hidden_layers"])?;
+        let intermediate = c.positive(&["intermediate_size"])?;
+        let image_size = c.pair("image_size")?;
+        let patch = c.pair("patch_size")?;
+        let channels = c.positive_or("num_channels", 3)?;
+        let eps = c.f64_or("layer_norm_eps", 1e-12)?;
+        let qkv_bias = c.bool_or("qkv_bias", true)?;
+        let act = c.activation("hidden_act", "gelu")?;
         let num_patches = (image_size.0 / patch.0) * (image_size.1 / patch.1);
         if num_patches == 0 {
-            return Err(Error::ConfigParse {
-                path: config_path(dir),
-                reason: format!("image_size {image_size:?} is smaller than patch_size {patch:?}"),
-            });
+            return Err(c.error(format!("image_size {image_size:?} is smaller than patch_size {patch:?}")));
         }
 
         let vb = open_weights(
@@ -479,14 +374,10 @@ impl VitModel {
         }
         let layernorm = LayerNorm::new(hidden, eps, &vb.pp("layernorm"))?;
         let pooler = if vb.contains("pooler.dense.weight") {
-            let out = config_usize_or(dir, "pooler_output_size", hidden)?;
-            let name = config_str(&dir.config, "pooler_act", "tanh");
-            let act = match name {
+            let out = c.positive_or("pooler_output_size", hidden)?;
+            let act = match c.str_or("pooler_act", "tanh")? {
                 "tanh" => PoolerAct::Tanh,
-                other => PoolerAct::Other(Activation::from_name(other).ok_or_else(|| Error::ConfigParse {
-                    path: config_path(dir),
-                    reason: format!("unsupported \"pooler_act\": {other:?} (supported: tanh, gelu, relu, silu)"),
-                })?),
+                _ => PoolerAct::Other(c.activation("pooler_act", "tanh")?),
             };
             Some(Pooler { dense: vb.pp("pooler").pp("dense").linear(hidden, out, true)?, act })
         } else {

@@ -1,6 +1,6 @@
 //! The generic fine-tuning loop.
 //!
-//! A [`Trainer`] drives a [`PeftModel`] with a user-supplied [`Task`] (which turns a batch into a
+//! A [`Trainer`] drives a [`PeftModel`] with a user-supplied [`Objective`] (which turns a batch into a
 //! differentiable loss) over batches from a [`TrainData`] (one iterator per epoch). Per epoch:
 //!
 //! 1. training in train mode: micro-batches, loss = task loss + `kl_weight` · KL (the mean of the
@@ -25,10 +25,15 @@
 //! draws PEFT's stream). `<output_dir>/last/trainer_state.safetensors` holds the variables, the
 //! optimizer state, the global generator's state and the counters, written atomically in one
 //! file, so [`Trainer::resume_from`] continues at the next epoch exactly as an uninterrupted run
-//! would (the same config and data assumed). Checkpoints are made at epoch ends only.
+//! would (the same config and data assumed; [`TrainConfig::data_fingerprint`] checks the data).
+//! Checkpoints are made at epoch ends, and at the optimizer step after which a raised stop flag
+//! ([`Trainer::set_stop_flag`]) is seen: that state also records the position in the epoch, its
+//! running sums and the layers' own generators, so the run continues from that step exactly.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -39,13 +44,13 @@ use super::schedule::{Schedule, ScheduleKind, Warmup};
 use crate::checkpoint;
 use crate::error::{Error, Result};
 use crate::peft_model::{NamedVar, PeftModel};
-use crate::rng::TorchGenerator;
+use crate::rng::{splitmix64_mix, TorchGenerator};
 
 // =================================================================================================
-// Task and data
+// Objective and data
 // =================================================================================================
 
-/// What a task computes for one batch.
+/// What an objective computes for one batch.
 #[derive(Clone, Debug)]
 pub struct StepOutput {
     /// The task loss: a differentiable scalar, the mean over the batch's examples.
@@ -56,11 +61,11 @@ pub struct StepOutput {
     pub correct: Option<usize>,
 }
 
-/// A task: turns a batch into a loss with the model. The same `step` serves training (the
-/// trainer puts the model in train mode and back-propagates the loss) and evaluation (eval
-/// mode, no backward pass).
-pub trait Task<M> {
-    /// The batch type the task consumes.
+/// What training minimises: turns a batch into a loss with the model (the task loss; the trainer
+/// adds β·KL). The same `step` serves training (the trainer puts the model in train mode and
+/// back-propagates the loss) and evaluation (eval mode, no backward pass).
+pub trait Objective<M> {
+    /// The batch type the objective consumes.
     type Batch;
     /// Runs the model on `batch` and returns the loss (and accuracy counts).
     fn step(&self, model: &PeftModel<M>, batch: &Self::Batch) -> Result<StepOutput>;
@@ -71,103 +76,27 @@ pub type Batches<'a, B> = Box<dyn Iterator<Item = Result<B>> + 'a>;
 
 /// Where batches come from: a fresh training iterator per epoch and the validation batches.
 pub trait TrainData {
-    /// The batch type (the task's).
+    /// The batch type (the objective's).
     type Batch;
     /// Number of training micro-batches per epoch (sizes the learning-rate schedule).
     fn num_train_batches(&self) -> usize;
     /// The training batches of epoch `epoch` (0-based), e.g. in [`shuffled_indices`] order.
     fn train_batches(&mut self, epoch: usize) -> Result<Batches<'_, Self::Batch>>;
+    /// The training batches of epoch `epoch` after the first `skip` (where an interrupted epoch
+    /// continues). The default builds and drops the skipped batches; override it when they
+    /// can be skipped without building them.
+    fn train_batches_from(&mut self, epoch: usize, skip: usize) -> Result<Batches<'_, Self::Batch>> {
+        Ok(Box::new(self.train_batches(epoch)?.skip(skip)))
+    }
     /// The validation batches (empty when there is no validation set).
     fn val_batches(&mut self) -> Result<Batches<'_, Self::Batch>>;
 }
 
-/// Which split a batch is made for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    /// Training examples.
-    Train,
-    /// Validation examples.
-    Validation,
-}
-
-/// [`TrainData`] over indexed examples: training indices shuffled per epoch with
-/// [`shuffled_indices`], cut into batches of `batch_size` (the last one may be smaller),
-/// validation indices in order; `make` turns a split and a list of indices into a batch.
-pub struct IndexedData<B, F>
-where
-    F: FnMut(Split, &[usize]) -> Result<B>,
-{
-    /// Number of training examples.
-    pub n_train: usize,
-    /// Number of validation examples.
-    pub n_val: usize,
-    /// Examples per batch.
-    pub batch_size: usize,
-    /// Shuffling seed.
-    pub seed: u64,
-    /// Builds a batch from example indices.
-    pub make: F,
-}
-
-impl<B, F> IndexedData<B, F>
-where
-    F: FnMut(Split, &[usize]) -> Result<B>,
-{
-    /// Indexed data with the given sizes, batch size and seed.
-    pub fn new(n_train: usize, n_val: usize, batch_size: usize, seed: u64, make: F) -> Self {
-        Self { n_train, n_val, batch_size: batch_size.max(1), seed, make }
-    }
-}
-
-impl<B, F> TrainData for IndexedData<B, F>
-where
-    F: FnMut(Split, &[usize]) -> Result<B>,
-{
-    type Batch = B;
-    fn num_train_batches(&self) -> usize {
-        self.n_train.div_ceil(self.batch_size)
-    }
-    fn train_batches(&mut self, epoch: usize) -> Result<Batches<'_, B>> {
-        let order = shuffled_indices(self.n_train, self.seed, epoch);
-        let chunks: Vec<Vec<usize>> = order.chunks(self.batch_size).map(|c| c.to_vec()).collect();
-        let make = &mut self.make;
-        Ok(Box::new(chunks.into_iter().map(move |c| make(Split::Train, &c))))
-    }
-    fn val_batches(&mut self) -> Result<Batches<'_, B>> {
-        let idx: Vec<usize> = (0..self.n_val).collect();
-        let chunks: Vec<Vec<usize>> = idx.chunks(self.batch_size).map(|c| c.to_vec()).collect();
-        let make = &mut self.make;
-        Ok(Box::new(chunks.into_iter().map(move |c| make(Split::Validation, &c))))
-    }
-}
-
 /// The order of `n` examples in epoch `epoch`:
-/// `torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))` exactly (torch's
-/// CPU algorithm: a Fisher–Yates pass with `random() % (n - i)`, and the inside-out variant with
-/// `random64()` for `n >= 2^32 / 20`). The same seed and epoch always give the same order.
+/// `torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))` exactly
+/// ([`TorchGenerator::randperm`]). The same seed and epoch always give the same order.
 pub fn shuffled_indices(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut g = TorchGenerator::new(seed.wrapping_add(epoch as u64));
-    randperm(n, &mut g)
-}
-
-/// `torch.randperm(n, generator=g)` on the CPU.
-pub fn randperm(n: usize, g: &mut TorchGenerator) -> Vec<usize> {
-    if (n as u64) < u64::from(u32::MAX) / 20 {
-        let mut r: Vec<usize> = (0..n).collect();
-        for i in 0..n.saturating_sub(1) {
-            let z = (u64::from(g.random()) % (n - i) as u64) as usize;
-            r.swap(i, z + i);
-        }
-        r
-    } else {
-        let mut r = vec![0usize; n];
-        for i in 0..n {
-            let z = (g.random64() % (i as u64 + 1)) as usize;
-            r[i] = r[z];
-            r[z] = i;
-        }
-        r
-    }
+    TorchGenerator::new(seed.wrapping_add(epoch as u64)).randperm(n)
 }
 
 /// The seed of a layer's own noise generator in epoch `epoch`: `seed` itself in epoch 0, a
@@ -179,11 +108,9 @@ pub fn epoch_seed(seed: u64, epoch: usize) -> u64 {
     splitmix64(seed ^ splitmix64(epoch as u64))
 }
 
+/// One splitmix64 step: the golden-ratio increment, then the output mix.
 fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    splitmix64_mix(x.wrapping_add(0x9e37_79b9_7f4a_7c15))
 }
 
 // =================================================================================================
@@ -224,6 +151,10 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     /// Load the best checkpoint's variables into the model when training ends. Default false.
     pub restore_best: bool,
+    /// What identifies the training data (e.g. a content hash of the data files), stored with
+    /// the trainer state: [`Trainer::resume_from`] refuses a state saved for other data, since
+    /// the same indices would then pick other examples. Default none (not checked).
+    pub data_fingerprint: Option<String>,
 }
 
 impl Default for TrainConfig {
@@ -244,6 +175,7 @@ impl Default for TrainConfig {
             seed: 0,
             output_dir: PathBuf::from("pvera-output"),
             restore_best: false,
+            data_fingerprint: None,
         }
     }
 }
@@ -302,7 +234,7 @@ pub struct EpochMetrics {
     pub train_loss: f64,
     /// Mean KL over the training micro-batches (`None` when no KL term was recorded).
     pub train_kl: Option<f64>,
-    /// Training accuracy (when the task counts correct predictions).
+    /// Training accuracy (when the objective counts correct predictions).
     pub train_accuracy: Option<f64>,
     /// Training examples seen.
     pub train_examples: usize,
@@ -350,6 +282,9 @@ pub enum StopReason {
     Completed,
     /// The monitored loss stopped improving.
     EarlyStopped,
+    /// The stop flag ([`Trainer::set_stop_flag`]) was raised: the state after the last optimizer
+    /// step is in `<output_dir>/last`, from which [`Trainer::resume_from`] continues exactly.
+    Interrupted,
 }
 
 /// Progress reports for a front end (the library prints nothing).
@@ -396,6 +331,10 @@ pub enum TrainEvent {
         grad_norm: f64,
         /// Training throughput of this step.
         examples_per_sec: f64,
+        /// Training examples of this epoch so far (this step's included).
+        examples: usize,
+        /// Correct predictions among them, when the objective counts them (classification).
+        correct: Option<usize>,
     },
     /// An epoch ended (after evaluation).
     EpochEnd {
@@ -410,6 +349,22 @@ pub enum TrainEvent {
         path: PathBuf,
         /// Epoch, 1-based.
         epoch: usize,
+    },
+    /// The stop flag was seen after an optimizer step: the state is saved in `last/` and
+    /// training returns ([`StopReason::Interrupted`]).
+    Interrupted {
+        /// Epoch, 1-based, that was interrupted.
+        epoch: usize,
+        /// Optimizer steps done (the state is saved right after this one).
+        step: usize,
+        /// Training micro-batches of the epoch done.
+        micro_batches: usize,
+        /// Training micro-batches of the epoch in all.
+        of: usize,
+        /// The directory holding the saved state (`<output_dir>/last`).
+        path: PathBuf,
+        /// What was saved and how to continue, in words.
+        message: String,
     },
     /// Training stops early.
     EarlyStop {
@@ -475,10 +430,15 @@ pub struct TrainReport {
 /// File of the trainer state inside `last/`.
 pub const TRAINER_STATE_NAME: &str = "trainer_state.safetensors";
 const STATE_META_KEY: &str = "pvera_trainer_state";
-const STATE_FORMAT: &str = "pvera-trainer-state/1";
+/// Version 2 adds the position inside an interrupted epoch and the layers' generator states;
+/// version 1 files (epoch ends only) are still read.
+const STATE_FORMAT: &str = "pvera-trainer-state/2";
+const STATE_FORMATS_READ: [&str; 2] = ["pvera-trainer-state/1", STATE_FORMAT];
 const PARAM_PREFIX: &str = "param::";
 const OPTIM_PREFIX: &str = "optim::";
 const RNG_KEY: &str = "rng::global";
+/// Followed by the `layer_seeds` key (`adapter\tmodule path`) of a layer's own generator.
+const LAYER_RNG_PREFIX: &str = "rng::layer::";
 const BEST_LOSS_KEY: &str = "trainer::best_loss";
 
 /// The counters and history kept between epochs (the JSON part of the trainer state).
@@ -505,6 +465,24 @@ struct Progress {
     adapters: Vec<String>,
     /// Monitored loss.
     monitor: Option<Monitor>,
+    /// Set when the run was interrupted inside epoch `next_epoch`: where it continues.
+    #[serde(default)]
+    mid_epoch: Option<MidEpoch>,
+}
+
+/// The position inside an interrupted epoch, at an optimizer-step boundary (no gradients pending).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct MidEpoch {
+    /// Training micro-batches of the epoch already done.
+    micro_batches: usize,
+    /// The epoch's running sums at that point.
+    sums: Sums,
+    /// Learning rate of the last step.
+    last_lr: f64,
+    /// Each layer's own noise generator (`layer_seeds` key -> torch `get_state` bytes); these
+    /// travel as tensors, not in the JSON.
+    #[serde(skip)]
+    layer_rng: BTreeMap<String, Vec<u8>>,
 }
 
 // =================================================================================================
@@ -518,6 +496,9 @@ pub struct Trainer {
     progress: Option<Progress>,
     resumed_from: Option<PathBuf>,
     pending_warnings: Vec<String>,
+    /// Save warnings already reported by this `fit`.
+    seen_warnings: Vec<String>,
+    stop: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -530,6 +511,7 @@ impl std::fmt::Debug for Trainer {
     }
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Sums {
     loss: f64,
     kl: f64,
@@ -577,7 +559,15 @@ impl Trainer {
     /// A trainer for a fresh run.
     pub fn new(config: TrainConfig) -> Result<Self> {
         config.validate()?;
-        Ok(Self { config, optimizer: None, progress: None, resumed_from: None, pending_warnings: Vec::new() })
+        Ok(Self {
+            config,
+            optimizer: None,
+            progress: None,
+            resumed_from: None,
+            pending_warnings: Vec::new(),
+            seen_warnings: Vec::new(),
+            stop: None,
+        })
     }
 
     /// The settings.
@@ -600,12 +590,33 @@ impl Trainer {
         self.progress.as_ref().map(|p| p.global_step).unwrap_or(0)
     }
 
-    /// Restores a run from `dir` (a `last/` directory written by [`fit`](Self::fit)): the
-    /// model's trainable variables, the optimizer state, the global generator, the counters,
-    /// the best loss and the history. The next `fit` continues at the following epoch. The
-    /// trainer's own config is used; fields that differ from the saved run's are reported as
-    /// [`TrainEvent::Warning`]s when `fit` starts (an exact continuation needs the same config).
+    /// A flag that stops [`fit`](Self::fit) cleanly when raised (e.g. from a SIGINT handler). It
+    /// is checked after every optimizer step: the state at that step boundary (variables,
+    /// optimizer, generators, the position in the epoch) is written to `<output_dir>/last`,
+    /// `fit` returns with [`StopReason::Interrupted`] after a [`TrainEvent::Interrupted`], and
+    /// [`resume_from`](Self::resume_from) continues from that step exactly as an uninterrupted
+    /// run would have.
+    pub fn set_stop_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.stop = Some(flag);
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
+    /// Restores a run from `dir`: the `last/` directory written by [`fit`](Self::fit), or the
+    /// run's output directory itself (its `last/` is used). Restored: the model's trainable
+    /// variables, the optimizer state, the generators, the counters, the best loss and the
+    /// history; the next `fit` continues at the saved epoch end or, after an interruption, at
+    /// the saved optimizer step. The trainer's own config is used; fields that differ from the
+    /// saved run's are reported as [`TrainEvent::Warning`]s when `fit` starts (an exact
+    /// continuation needs the same config), except these, which are refused:
+    /// - another [`TrainConfig::data_fingerprint`] (a state saved without one is accepted with
+    ///   a warning);
+    /// - a run that already ran all its epochs (raise `epochs`) or stopped early (raise
+    ///   `patience`, and `epochs` if needed).
     pub fn resume_from<M>(&mut self, model: &mut PeftModel<M>, dir: &Path) -> Result<()> {
+        let dir = &state_dir(dir)?;
         let path = dir.join(TRAINER_STATE_NAME);
         let file = path.display().to_string();
         let device = model.registry().device().clone();
@@ -617,12 +628,15 @@ impl Trainer {
         })?;
         let mut progress: Progress = serde_json::from_str(json)
             .map_err(|e| Error::ConfigParse { path: file.clone(), reason: format!("trainer state: {e}") })?;
-        if progress.format != STATE_FORMAT {
+        if !STATE_FORMATS_READ.contains(&progress.format.as_str()) {
             return Err(Error::ConfigParse {
                 path: file.clone(),
-                reason: format!("trainer state format {:?}, expected {STATE_FORMAT:?}", progress.format),
+                reason: format!("trainer state format {:?}, expected one of {STATE_FORMATS_READ:?}", progress.format),
             });
         }
+        let mut warnings = Vec::new();
+        warnings.extend(self.check_same_data(&progress, dir)?);
+        self.check_resumable(&mut progress, dir)?;
         progress.best_loss = match tensors.get(BEST_LOSS_KEY) {
             Some(t) => Some(t.tensor.to_dtype(DType::F64)?.to_scalar::<f64>()?),
             None => None,
@@ -672,14 +686,24 @@ impl Trainer {
             .filter_map(|(k, t)| k.strip_prefix(OPTIM_PREFIX).map(|k| (k.to_string(), t.tensor.clone())))
             .collect();
         optimizer.load_state(&optim)?;
-        let rng = tensors.get(RNG_KEY).ok_or_else(|| Error::MissingTensor {
-            file: file.clone(),
-            key: RNG_KEY.into(),
-            hint: String::new(),
-        })?;
-        let rng_bytes = rng.tensor.to_dtype(DType::U8)?.to_vec1::<u8>()?;
+        let generator_bytes = |key: &str| -> Result<Vec<u8>> {
+            let t = tensors.get(key).ok_or_else(|| Error::MissingTensor {
+                file: file.clone(),
+                key: key.to_string(),
+                hint: " (the trainer state is incomplete; resume from an intact `last` directory)".into(),
+            })?;
+            Ok(t.tensor.to_dtype(DType::U8)?.to_vec1::<u8>()?)
+        };
         let mut g = TorchGenerator::new(0);
-        g.set_state(&rng_bytes).map_err(|e| Error::Model(format!("{file}: `{RNG_KEY}`: {e}")))?;
+        g.set_state(&generator_bytes(RNG_KEY)?).map_err(|e| Error::Model(format!("{file}: `{RNG_KEY}`: {e}")))?;
+        if let Some(mid) = progress.mid_epoch.as_mut() {
+            for key in progress.layer_seeds.keys() {
+                let k = format!("{LAYER_RNG_PREFIX}{key}");
+                let bytes = generator_bytes(&k)?;
+                TorchGenerator::new(0).set_state(&bytes).map_err(|e| Error::Model(format!("{file}: `{k}`: {e}")))?;
+                mid.layer_rng.insert(key.clone(), bytes);
+            }
+        }
         // Everything checked: apply.
         for (v, t) in values {
             v.var.set(&t)?;
@@ -688,37 +712,93 @@ impl Trainer {
         g.set_kernel(kernel);
         model.state().with_global_generator(|gen| *gen = g)?;
 
-        self.pending_warnings.clear();
         let diffs = config_differences(&progress.config, &self.config);
         if !diffs.is_empty() {
-            self.pending_warnings.push(format!(
+            warnings.push(format!(
                 "resuming from {} with settings that differ from the saved run's ({}); the run will \
                  not match an uninterrupted one",
                 dir.display(),
                 diffs.join(", ")
             ));
         }
-        if progress.stopped == Some(StopReason::Completed) && self.config.epochs > progress.next_epoch {
-            // More epochs were asked for: the run goes on (the schedule is re-planned).
-            progress.stopped = None;
-        }
         progress.config = self.config.clone();
+        self.pending_warnings = warnings;
         self.optimizer = Some(optimizer);
         self.progress = Some(progress);
-        self.resumed_from = Some(dir.to_path_buf());
+        self.resumed_from = Some(dir.clone());
         Ok(())
     }
 
-    /// Trains (or continues training) `model` on `data` with `task`, reporting to `on_event`.
+    /// The data check of [`resume_from`](Self::resume_from): a state saved for other data is
+    /// refused; a missing fingerprint on either side is a warning (returned).
+    fn check_same_data(&self, progress: &Progress, dir: &Path) -> Result<Option<String>> {
+        match (&progress.config.data_fingerprint, &self.config.data_fingerprint) {
+            (Some(saved), Some(now)) if saved != now => Err(Error::Data(format!(
+                "cannot resume from {}: that run was trained on other data (fingerprint {}, now {}); the \
+                 saved position and split would pick other examples. Resume with the same training data \
+                 (--data), or start a new run in another output directory",
+                dir.display(),
+                short_fingerprint(saved),
+                short_fingerprint(now)
+            ))),
+            (None, Some(_)) => Ok(Some(format!(
+                "{}: the saved run recorded no data fingerprint (an older trainer state), so it cannot be \
+                 checked that the training data (--data) is the same; resuming on other data gives a run that \
+                 matches neither",
+                dir.display()
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Refuses to resume a run that has nothing left to do under this trainer's settings, and
+    /// reopens one whose limits were raised.
+    fn check_resumable(&self, progress: &mut Progress, dir: &Path) -> Result<()> {
+        let done = progress.next_epoch;
+        let (epochs, patience) = (self.config.epochs, self.config.patience);
+        match progress.stopped {
+            Some(StopReason::Completed) | None if epochs <= done => Err(Error::config(
+                "epochs",
+                format!(
+                    "the run in {} finished {done}/{} epochs; nothing to resume: raise epochs (--epochs) above \
+                     {done} to continue it",
+                    dir.display(),
+                    progress.config.epochs
+                ),
+            )),
+            Some(StopReason::EarlyStopped) if epochs <= done || patience.is_some_and(|p| progress.bad_epochs >= p) => {
+                Err(Error::config(
+                    "patience",
+                    format!(
+                        "the run in {} stopped early after epoch {done} of {} ({} epoch(s) without improvement, \
+                         patience {}); nothing to resume: raise patience (--patience) above {} (and epochs \
+                         (--epochs) above {done} if needed) to continue it",
+                        dir.display(),
+                        progress.config.epochs,
+                        progress.bad_epochs,
+                        progress.config.patience.map_or("none".into(), |p| p.to_string()),
+                        progress.bad_epochs
+                    ),
+                ))
+            }
+            _ => {
+                // More epochs or patience were asked for: the run goes on (the schedule is re-planned).
+                progress.stopped = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// Trains (or continues training) `model` on `data` with `objective`, reporting to `on_event`.
     pub fn fit<M, T, D>(
         &mut self,
         model: &mut PeftModel<M>,
-        task: &T,
+        objective: &T,
         data: &mut D,
         mut on_event: impl FnMut(TrainEvent),
     ) -> Result<TrainReport>
     where
-        T: Task<M>,
+        T: Objective<M>,
         D: TrainData<Batch = T::Batch>,
     {
         let started = Instant::now();
@@ -731,35 +811,8 @@ impl Trainer {
                     .into(),
             ));
         }
-        let active = model.active_adapters();
-        let fresh = self.progress.is_none();
-        if fresh {
-            let mut layer_seeds = BTreeMap::new();
-            for name in &active {
-                for path in &model.adapter(name)?.targets {
-                    if let Some(site) = model.registry().site(path) {
-                        if let Some(seed) = site.with_slot(name, |s| s.generator_seed())? {
-                            layer_seeds.insert(format!("{name}\t{path}"), seed);
-                        }
-                    }
-                }
-            }
-            self.progress = Some(Progress {
-                format: STATE_FORMAT.into(),
-                config: cfg.clone(),
-                next_epoch: 0,
-                global_step: 0,
-                best_epoch: None,
-                best_loss: None,
-                bad_epochs: 0,
-                history: Vec::new(),
-                stopped: None,
-                layer_seeds,
-                adapters: active.clone(),
-                monitor: None,
-            });
-            self.optimizer = Some(AdamW::new(vars.clone(), cfg.adamw())?);
-            model.state().manual_seed(cfg.seed)?;
+        if self.progress.is_none() {
+            self.start_fresh(model, vars.clone())?;
         }
         let optimizer_names = self.optimizer.as_ref().map(|o| o.names()).unwrap_or_default();
         let var_names: Vec<String> = vars.iter().map(|v| v.name.clone()).collect();
@@ -779,13 +832,10 @@ impl Trainer {
         let steps_per_epoch = micro_per_epoch.div_ceil(cfg.grad_accum);
         let total_steps = steps_per_epoch * cfg.epochs;
         let warmup_steps = cfg.warmup.steps(total_steps);
-        let schedule = Schedule::new(cfg.schedule, warmup_steps, total_steps);
+        let plan = Plan { schedule: Schedule::new(cfg.schedule, warmup_steps, total_steps), total_steps };
         let trainable = model.trainable_parameters_line()?;
-        let mut seen_warnings: Vec<String> = Vec::new();
-        let (start_epoch, start_step) = {
-            let p = self.progress.as_ref().expect("progress set above");
-            (p.next_epoch, p.global_step)
-        };
+        self.seen_warnings.clear();
+        let (start_epoch, start_step) = (self.epochs_done(), self.steps_done());
         on_event(TrainEvent::Started {
             trainable: trainable.clone(),
             steps: total_steps,
@@ -800,20 +850,12 @@ impl Trainer {
         }
         model.state().drain_kl()?;
 
-        let result = self.run_epochs(
-            model,
-            task,
-            data,
-            &mut on_event,
-            &mut seen_warnings,
-            &schedule,
-            total_steps,
-        );
+        let result = self.run_epochs(model, objective, data, &mut on_event, &plan);
         let _ = model.eval();
         let _ = model.state().drain_kl();
         let stop = result?;
 
-        let p = self.progress.as_ref().expect("progress set above");
+        let p = self.progress()?;
         if cfg.restore_best && p.best_epoch.is_some() {
             load_adapter_weights(model, &cfg.best_dir())?;
         }
@@ -842,58 +884,85 @@ impl Trainer {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The counters of a new run, the optimizer over `vars`, the global generator seeded.
+    fn start_fresh<M>(&mut self, model: &PeftModel<M>, vars: Vec<NamedVar>) -> Result<()> {
+        let active = model.active_adapters();
+        let mut layer_seeds = BTreeMap::new();
+        for name in &active {
+            for path in &model.adapter(name)?.targets {
+                if let Some(site) = model.registry().site(path) {
+                    if let Some(seed) = site.with_slot(name, |s| s.generator_seed())? {
+                        layer_seeds.insert(format!("{name}\t{path}"), seed);
+                    }
+                }
+            }
+        }
+        self.progress = Some(Progress {
+            format: STATE_FORMAT.into(),
+            config: self.config.clone(),
+            next_epoch: 0,
+            global_step: 0,
+            best_epoch: None,
+            best_loss: None,
+            bad_epochs: 0,
+            history: Vec::new(),
+            stopped: None,
+            layer_seeds,
+            adapters: active,
+            monitor: None,
+            mid_epoch: None,
+        });
+        self.optimizer = Some(AdamW::new(vars, self.config.adamw())?);
+        model.state().manual_seed(self.config.seed)
+    }
+
+    fn progress(&self) -> Result<&Progress> {
+        self.progress.as_ref().ok_or_else(not_started)
+    }
+    fn progress_mut(&mut self) -> Result<&mut Progress> {
+        self.progress.as_mut().ok_or_else(not_started)
+    }
+    fn optimizer_mut(&mut self) -> Result<&mut AdamW> {
+        self.optimizer.as_mut().ok_or_else(not_started)
+    }
+
     fn run_epochs<M, T, D>(
         &mut self,
         model: &mut PeftModel<M>,
-        task: &T,
+        objective: &T,
         data: &mut D,
         on_event: &mut impl FnMut(TrainEvent),
-        seen_warnings: &mut Vec<String>,
-        schedule: &Schedule,
-        total_steps: usize,
+        plan: &Plan,
     ) -> Result<StopReason>
     where
-        T: Task<M>,
+        T: Objective<M>,
         D: TrainData<Batch = T::Batch>,
     {
         let cfg = self.config.clone();
-        if let Some(stop) = self.progress.as_ref().and_then(|p| p.stopped) {
+        if let Some(stop) = self.progress()?.stopped {
             return Ok(stop);
         }
-        let mut stop = StopReason::Completed;
-        let start_epoch = self.progress.as_ref().map(|p| p.next_epoch).unwrap_or(0);
+        let start_epoch = self.epochs_done();
         for epoch in start_epoch..cfg.epochs {
+            if self.stop_requested() {
+                // An epoch boundary (or the resumed step): consistent as it is.
+                self.save_last(model, on_event)?;
+                self.report_interrupted(data.num_train_batches(), on_event)?;
+                return Ok(StopReason::Interrupted);
+            }
             let epoch_started = Instant::now();
             self.reseed_layers(model, epoch)?;
-            let (train, last_lr) = self.train_epoch(model, task, data, on_event, epoch, schedule, total_steps)?;
+            let (train, last_lr) = match self.train_epoch(model, objective, data, on_event, epoch, plan)? {
+                EpochTraining::Done { sums, last_lr } => (sums, last_lr),
+                EpochTraining::Interrupted => return Ok(StopReason::Interrupted),
+            };
             let train_seconds = epoch_started.elapsed().as_secs_f64();
+            let val = self.validate(model, objective, data, epoch)?;
 
-            // Evaluation.
-            model.eval()?;
-            let mut val = Sums::new();
-            let mut val_batches = 0usize;
-            for batch in data.val_batches()? {
-                let batch = batch?;
-                // no autograd graph for validation: activations are freed layer by layer
-                let out = model.state().no_grad(|| task.step(model, &batch))??;
-                model.state().drain_kl()?;
-                let loss = scalar_f64(&out.loss, "the task's validation loss")?;
-                if !loss.is_finite() {
-                    return Err(self.non_finite(
-                        format!("validation loss after epoch {}", epoch + 1),
-                        1,
-                        epoch,
-                    ));
-                }
-                val.add(loss, out.examples, out.correct);
-                val_batches += 1;
-            }
-            let has_val = val_batches > 0 && val.examples > 0;
+            let has_val = val.examples > 0;
             let monitor = if has_val { Monitor::ValLoss } else { Monitor::TrainLoss };
             let monitored = if has_val { val.mean_loss() } else { train.mean_loss() };
-
-            let p = self.progress.as_mut().expect("progress");
+            let p = self.progress_mut()?;
             p.monitor = Some(monitor);
             let improved = match p.best_loss {
                 None => true,
@@ -930,19 +999,14 @@ impl Trainer {
             let (best_epoch, best_loss, bad) = (p.best_epoch, p.best_loss, p.bad_epochs);
             on_event(TrainEvent::EpochEnd { metrics });
 
-            let active = model.active_adapters();
-            let active_refs: Vec<&str> = active.iter().map(String::as_str).collect();
             if improved {
                 let dir = cfg.best_dir();
-                let warnings = model.save_pretrained(&dir, Some(&active_refs))?;
-                emit_new_warnings(warnings, seen_warnings, on_event);
+                let warnings = save_active(model, &dir)?;
+                self.emit_new_warnings(warnings, on_event);
                 on_event(TrainEvent::CheckpointSaved { kind: CheckpointKind::Best, path: dir, epoch: epoch + 1 });
             }
-            let dir = cfg.last_dir();
-            let warnings = model.save_pretrained(&dir, Some(&active_refs))?;
-            emit_new_warnings(warnings, seen_warnings, on_event);
-            self.write_trainer_state(model, &dir)?;
-            on_event(TrainEvent::CheckpointSaved { kind: CheckpointKind::Last, path: dir, epoch: epoch + 1 });
+            self.save_last(model, on_event)?;
+            on_event(TrainEvent::CheckpointSaved { kind: CheckpointKind::Last, path: cfg.last_dir(), epoch: epoch + 1 });
 
             if early {
                 on_event(TrainEvent::EarlyStop {
@@ -951,163 +1015,293 @@ impl Trainer {
                     best_loss: best_loss.unwrap_or(monitored),
                     patience: cfg.patience.unwrap_or(bad),
                 });
-                stop = StopReason::EarlyStopped;
-                break;
+                return Ok(StopReason::EarlyStopped);
             }
         }
-        Ok(stop)
+        Ok(StopReason::Completed)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The evaluation after an epoch: eval mode, no autograd graph, the validation batches.
+    fn validate<M, T, D>(&self, model: &PeftModel<M>, objective: &T, data: &mut D, epoch: usize) -> Result<Sums>
+    where
+        T: Objective<M>,
+        D: TrainData<Batch = T::Batch>,
+    {
+        model.eval()?;
+        let mut val = Sums::new();
+        for batch in data.val_batches()? {
+            let batch = batch?;
+            // no autograd graph for validation: activations are freed layer by layer
+            let out = model.state().no_grad(|| objective.step(model, &batch))??;
+            model.state().drain_kl()?;
+            let loss = scalar_f64(&out.loss, "the objective's validation loss")?;
+            if !loss.is_finite() {
+                return Err(self.non_finite(format!("validation loss after epoch {}", epoch + 1), 1, epoch));
+            }
+            val.add(loss, out.examples, out.correct);
+        }
+        Ok(val)
+    }
+
+    /// One epoch of training: micro-steps (forward, backward, gradients accumulated) and an
+    /// optimizer step after every `grad_accum` of them and at the end. An interrupted epoch
+    /// (see [`Trainer::set_stop_flag`]) continues after its saved micro-batches.
     fn train_epoch<M, T, D>(
         &mut self,
         model: &mut PeftModel<M>,
-        task: &T,
+        objective: &T,
         data: &mut D,
         on_event: &mut impl FnMut(TrainEvent),
         epoch: usize,
-        schedule: &Schedule,
-        total_steps: usize,
-    ) -> Result<(Sums, f64)>
+        plan: &Plan,
+    ) -> Result<EpochTraining>
     where
-        T: Task<M>,
+        T: Objective<M>,
         D: TrainData<Batch = T::Batch>,
     {
-        let cfg = self.config.clone();
         model.train()?;
-        let mut sums = Sums::new();
-        let mut acc = GradAccumulator::new(cfg.grad_accum)?;
-        let mut group = Sums::new();
-        let mut group_started = Instant::now();
-        let mut last_lr = self.optimizer.as_ref().map(|o| o.lr()).unwrap_or(cfg.lr);
-        let mut micro = 0usize;
+        let mut run = EpochRun::new(self.config.grad_accum, self.optimizer_mut()?.lr())?;
+        if let Some(mid) = self.progress_mut()?.mid_epoch.take() {
+            for (key, bytes) in &mid.layer_rng {
+                let Some((adapter, path)) = key.split_once('\t') else { continue };
+                if let Some(site) = model.registry().site(path) {
+                    site.set_generator_state(adapter, bytes)?;
+                }
+            }
+            run.resume(mid);
+        }
         let expected = data.num_train_batches();
-        let mut batches = data.train_batches(epoch)?;
-        loop {
-            let next = batches.next();
-            let end_of_epoch = next.is_none();
-            if let Some(batch) = next {
-                let batch = batch?;
-                micro += 1;
-                let out = match task.step(model, &batch) {
-                    Ok(out) => out,
-                    // the layers' overflow guard (or any non-finite value found in the forward)
-                    // stops training like a non-finite loss: step named, checkpoints intact
-                    Err(Error::NonFinite { what, count, hint }) => {
-                        let step = self.steps_done();
-                        return Err(self.non_finite(
-                            format!(
-                                "forward pass in epoch {}, micro-batch {micro}, before optimizer step {}: {what}{hint}",
-                                epoch + 1,
-                                step + 1
-                            ),
-                            count,
-                            epoch,
-                        ));
-                    }
-                    Err(e) => return Err(e),
-                };
-                let kl = model.state().drain_kl_mean()?;
-                let loss_v = scalar_f64(&out.loss, "the task's training loss")?;
-                let kl_v = match &kl {
-                    Some(k) => Some(scalar_f64(k, "the KL term")?),
-                    None => None,
-                };
-                if !loss_v.is_finite() || kl_v.is_some_and(|k| !k.is_finite()) {
-                    let kl_s = kl_v.map(|k| format!(", KL {k}")).unwrap_or_default();
-                    return Err(self.non_finite(
-                        format!(
-                            "training loss (task loss {loss_v}{kl_s}) in epoch {}, micro-batch {micro}, before optimizer step {}",
-                            epoch + 1,
-                            self.steps_done() + 1
-                        ),
-                        1,
-                        epoch,
-                    ));
+        let mut batches = data.train_batches_from(epoch, run.micro)?;
+        while let Some(batch) = batches.next() {
+            run.micro += 1;
+            self.micro_step(model, objective, &batch?, epoch, &mut run)?;
+            if run.acc.is_full() {
+                self.optimizer_step(epoch, plan, &mut run, on_event)?;
+                if self.stop_requested() {
+                    drop(batches);
+                    self.interrupt(model, run, expected, on_event)?;
+                    return Ok(EpochTraining::Interrupted);
                 }
-                let total = match (&kl, cfg.kl_weight) {
-                    (Some(k), w) if w != 0.0 => (out.loss.to_dtype(DType::F32)? + (k.to_dtype(DType::F32)? * w)?)?,
-                    _ => out.loss.clone(),
-                };
-                let store = total.backward()?;
-                let optimizer = self.optimizer.as_ref().expect("optimizer");
-                acc.add(optimizer.gradients(&store))?;
-                drop(store);
-                sums.add(loss_v, out.examples, out.correct);
-                group.add(loss_v, out.examples, out.correct);
-                if let Some(k) = kl_v {
-                    sums.kl += k;
-                    sums.kl_n += 1;
-                    group.kl += k;
-                    group.kl_n += 1;
-                }
-                if !acc.is_full() {
-                    continue;
-                }
-            }
-            // An optimizer step: a full group, or the rest at the end of the epoch.
-            if let Some(mut grads) = acc.take()? {
-                let step = self.steps_done();
-                let norm = match cfg.max_grad_norm {
-                    Some(max) => grads.clip_by_global_norm(max)?,
-                    None => grads.global_norm()?,
-                };
-                if !norm.is_finite() {
-                    let (count, first) = grads.non_finite()?;
-                    return Err(self.non_finite(
-                        format!(
-                            "gradients (first in `{}`) at optimizer step {} (epoch {})",
-                            first.unwrap_or_default(),
-                            step + 1,
-                            epoch + 1
-                        ),
-                        count.max(1),
-                        epoch,
-                    ));
-                }
-                let lr = schedule.lr(cfg.lr, step);
-                let optimizer = self.optimizer.as_mut().expect("optimizer");
-                optimizer.set_lr(lr);
-                optimizer.step(&grads)?;
-                if let Some((name, count)) = first_non_finite_var(&optimizer.vars())? {
-                    return Err(self.non_finite(
-                        format!("adapter variable `{name}` after optimizer step {} (epoch {})", step + 1, epoch + 1),
-                        count,
-                        epoch,
-                    ));
-                }
-                last_lr = lr;
-                let p = self.progress.as_mut().expect("progress");
-                p.global_step += 1;
-                let elapsed = group_started.elapsed().as_secs_f64();
-                on_event(TrainEvent::Step {
-                    epoch: epoch + 1,
-                    step: p.global_step,
-                    steps: total_steps,
-                    lr,
-                    loss: group.mean_loss(),
-                    kl: group.mean_kl(),
-                    grad_norm: norm,
-                    examples_per_sec: if elapsed > 0.0 { group.examples as f64 / elapsed } else { 0.0 },
-                });
-                group = Sums::new();
-                group_started = Instant::now();
-            }
-            if end_of_epoch {
-                break;
             }
         }
         drop(batches);
-        if micro != expected {
+        // The rest of an incomplete accumulation group at the end of the epoch.
+        if run.acc.count() > 0 {
+            self.optimizer_step(epoch, plan, &mut run, on_event)?;
+            if self.stop_requested() {
+                self.interrupt(model, run, expected, on_event)?;
+                return Ok(EpochTraining::Interrupted);
+            }
+        }
+        if run.micro != expected {
             on_event(TrainEvent::Warning {
                 message: format!(
-                    "epoch {}: the data gave {micro} training batches but num_train_batches() said \
+                    "epoch {}: the data gave {} training batches but num_train_batches() said \
                      {expected}; the learning-rate schedule assumed {expected}",
-                    epoch + 1
+                    epoch + 1,
+                    run.micro
                 ),
             });
         }
-        Ok((sums, last_lr))
+        Ok(EpochTraining::Done { sums: run.sums, last_lr: run.last_lr })
+    }
+
+    /// Forward and backward of one micro-batch: the task loss plus β·KL, gradients added to the
+    /// accumulator, the running sums updated.
+    fn micro_step<M, T: Objective<M>>(
+        &self,
+        model: &PeftModel<M>,
+        objective: &T,
+        batch: &T::Batch,
+        epoch: usize,
+        run: &mut EpochRun,
+    ) -> Result<()> {
+        let micro = run.micro;
+        let out = match objective.step(model, batch) {
+            Ok(out) => out,
+            // the layers' overflow guard (or any non-finite value found in the forward) stops
+            // training like a non-finite loss: step named, checkpoints intact
+            Err(Error::NonFinite { what, count, hint }) => {
+                return Err(self.non_finite(
+                    format!(
+                        "forward pass in epoch {}, micro-batch {micro}, before optimizer step {}: {what}{hint}",
+                        epoch + 1,
+                        self.steps_done() + 1
+                    ),
+                    count,
+                    epoch,
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        let kl = model.state().drain_kl_mean()?;
+        let loss_v = scalar_f64(&out.loss, "the objective's training loss")?;
+        let kl_v = match &kl {
+            Some(k) => Some(scalar_f64(k, "the KL term")?),
+            None => None,
+        };
+        if !loss_v.is_finite() || kl_v.is_some_and(|k| !k.is_finite()) {
+            let kl_s = kl_v.map(|k| format!(", KL {k}")).unwrap_or_default();
+            return Err(self.non_finite(
+                format!(
+                    "training loss (task loss {loss_v}{kl_s}) in epoch {}, micro-batch {micro}, before optimizer step {}",
+                    epoch + 1,
+                    self.steps_done() + 1
+                ),
+                1,
+                epoch,
+            ));
+        }
+        let total = match (&kl, self.config.kl_weight) {
+            (Some(k), w) if w != 0.0 => (out.loss.to_dtype(DType::F32)? + (k.to_dtype(DType::F32)? * w)?)?,
+            _ => out.loss.clone(),
+        };
+        let store = total.backward()?;
+        let optimizer = self.optimizer.as_ref().ok_or_else(not_started)?;
+        run.acc.add(optimizer.gradients(&store))?;
+        drop(store);
+        for sums in [&mut run.sums, &mut run.group] {
+            sums.add(loss_v, out.examples, out.correct);
+            if let Some(k) = kl_v {
+                sums.kl += k;
+                sums.kl_n += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// One optimizer step on the accumulated gradients: clipping, the scheduled learning rate,
+    /// AdamW, the finiteness checks, the [`TrainEvent::Step`].
+    fn optimizer_step(
+        &mut self,
+        epoch: usize,
+        plan: &Plan,
+        run: &mut EpochRun,
+        on_event: &mut impl FnMut(TrainEvent),
+    ) -> Result<()> {
+        let Some(mut grads) = run.acc.take()? else { return Ok(()) };
+        let step = self.steps_done();
+        let norm = match self.config.max_grad_norm {
+            Some(max) => grads.clip_by_global_norm(max)?,
+            None => grads.global_norm()?,
+        };
+        if !norm.is_finite() {
+            let (count, first) = grads.non_finite()?;
+            return Err(self.non_finite(
+                format!(
+                    "gradients (first in `{}`) at optimizer step {} (epoch {})",
+                    first.unwrap_or_default(),
+                    step + 1,
+                    epoch + 1
+                ),
+                count.max(1),
+                epoch,
+            ));
+        }
+        let lr = plan.schedule.lr(self.config.lr, step);
+        let optimizer = self.optimizer_mut()?;
+        optimizer.set_lr(lr);
+        optimizer.step(&grads)?;
+        if let Some((name, count)) = first_non_finite_var(&optimizer.vars())? {
+            return Err(self.non_finite(
+                format!("adapter variable `{name}` after optimizer step {} (epoch {})", step + 1, epoch + 1),
+                count,
+                epoch,
+            ));
+        }
+        run.last_lr = lr;
+        let p = self.progress_mut()?;
+        p.global_step += 1;
+        let elapsed = run.group_started.elapsed().as_secs_f64();
+        on_event(TrainEvent::Step {
+            epoch: epoch + 1,
+            step: p.global_step,
+            steps: plan.total_steps,
+            lr,
+            loss: run.group.mean_loss(),
+            kl: run.group.mean_kl(),
+            grad_norm: norm,
+            examples_per_sec: if elapsed > 0.0 { run.group.examples as f64 / elapsed } else { 0.0 },
+            examples: run.sums.examples,
+            correct: run.sums.all_correct_known.then_some(run.sums.correct),
+        });
+        run.group = Sums::new();
+        run.group_started = Instant::now();
+        Ok(())
+    }
+
+    /// Saves the state at this optimizer-step boundary in `last/` and reports the interruption.
+    fn interrupt<M>(
+        &mut self,
+        model: &PeftModel<M>,
+        run: EpochRun,
+        of: usize,
+        on_event: &mut impl FnMut(TrainEvent),
+    ) -> Result<()> {
+        let mut layer_rng = BTreeMap::new();
+        for key in self.progress()?.layer_seeds.keys() {
+            let Some((adapter, path)) = key.split_once('\t') else { continue };
+            if let Some(state) = model.registry().site(path).map(|s| s.generator_state(adapter)).transpose()?.flatten() {
+                layer_rng.insert(key.clone(), state);
+            }
+        }
+        self.progress_mut()?.mid_epoch =
+            Some(MidEpoch { micro_batches: run.micro, sums: run.sums, last_lr: run.last_lr, layer_rng });
+        self.save_last(model, on_event)?;
+        self.report_interrupted(of, on_event)
+    }
+
+    fn report_interrupted(&self, of: usize, on_event: &mut impl FnMut(TrainEvent)) -> Result<()> {
+        let p = self.progress()?;
+        let path = self.config.last_dir();
+        let (epoch, micro) = match &p.mid_epoch {
+            Some(m) => (p.next_epoch + 1, m.micro_batches),
+            None => (p.next_epoch + 1, 0),
+        };
+        let at = if micro == 0 {
+            format!("before epoch {epoch}")
+        } else {
+            format!("in epoch {epoch} after optimizer step {} ({micro} of {of} micro-batches)", p.global_step)
+        };
+        let best = match p.best_epoch {
+            Some(e) => format!("; {} holds the best adapter so far (epoch {e})", self.config.best_dir().display()),
+            None => String::new(),
+        };
+        let message = format!(
+            "training interrupted {at}; the state after optimizer step {} is saved in {}{best}. Resume from it \
+             (Trainer::resume_from, `--resume {}`) with the same settings and data to continue exactly where it \
+             stopped",
+            p.global_step,
+            path.display(),
+            path.display()
+        );
+        on_event(TrainEvent::Interrupted {
+            epoch,
+            step: p.global_step,
+            micro_batches: micro,
+            of,
+            path,
+            message,
+        });
+        Ok(())
+    }
+
+    /// `last/`: the active adapters (PEFT format) and the trainer state.
+    fn save_last<M>(&mut self, model: &PeftModel<M>, on_event: &mut impl FnMut(TrainEvent)) -> Result<()> {
+        let dir = self.config.last_dir();
+        let warnings = save_active(model, &dir)?;
+        self.emit_new_warnings(warnings, on_event);
+        self.write_trainer_state(model, &dir)
+    }
+
+    /// Reports each save warning once per `fit`.
+    fn emit_new_warnings(&mut self, warnings: Vec<String>, on_event: &mut impl FnMut(TrainEvent)) {
+        for w in warnings {
+            if !self.seen_warnings.contains(&w) {
+                self.seen_warnings.push(w.clone());
+                on_event(TrainEvent::Warning { message: w });
+            }
+        }
     }
 
     /// Reseeds the layers' own noise generators for `epoch` (see the module docs).
@@ -1158,8 +1352,8 @@ impl Trainer {
     }
 
     fn write_trainer_state<M>(&self, model: &PeftModel<M>, dir: &Path) -> Result<()> {
-        let p = self.progress.as_ref().expect("progress");
-        let optimizer = self.optimizer.as_ref().expect("optimizer");
+        let p = self.progress()?;
+        let optimizer = self.optimizer.as_ref().ok_or_else(not_started)?;
         let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
         for v in optimizer.vars() {
             tensors.insert(format!("{PARAM_PREFIX}{}", v.name), v.var.as_detached_tensor());
@@ -1167,9 +1361,17 @@ impl Trainer {
         for (k, t) in optimizer.state_tensors()? {
             tensors.insert(format!("{OPTIM_PREFIX}{k}"), t);
         }
+        let bytes_tensor = |b: Vec<u8>| {
+            let n = b.len();
+            Tensor::from_vec(b, n, &Device::Cpu)
+        };
         let rng = model.state().with_global_generator(|g| g.get_state())?;
-        let n = rng.len();
-        tensors.insert(RNG_KEY.into(), Tensor::from_vec(rng, n, &Device::Cpu)?);
+        tensors.insert(RNG_KEY.into(), bytes_tensor(rng)?);
+        if let Some(mid) = &p.mid_epoch {
+            for (k, b) in &mid.layer_rng {
+                tensors.insert(format!("{LAYER_RNG_PREFIX}{k}"), bytes_tensor(b.clone())?);
+            }
+        }
         if let Some(l) = p.best_loss {
             tensors.insert(BEST_LOSS_KEY.into(), Tensor::new(l, &Device::Cpu)?);
         }
@@ -1184,13 +1386,89 @@ impl Trainer {
     }
 }
 
-fn emit_new_warnings(warnings: Vec<String>, seen: &mut Vec<String>, on_event: &mut impl FnMut(TrainEvent)) {
-    for w in warnings {
-        if !seen.contains(&w) {
-            seen.push(w.clone());
-            on_event(TrainEvent::Warning { message: w });
-        }
+/// The schedule of a `fit` call.
+struct Plan {
+    schedule: Schedule,
+    total_steps: usize,
+}
+
+/// How an epoch's training ended.
+enum EpochTraining {
+    Done { sums: Sums, last_lr: f64 },
+    Interrupted,
+}
+
+/// The running state of one epoch's training.
+struct EpochRun {
+    acc: GradAccumulator,
+    /// The whole epoch's sums.
+    sums: Sums,
+    /// The current accumulation group's sums (one optimizer step).
+    group: Sums,
+    group_started: Instant,
+    last_lr: f64,
+    /// Micro-batches done.
+    micro: usize,
+}
+
+impl EpochRun {
+    fn new(grad_accum: usize, lr: f64) -> Result<Self> {
+        Ok(Self {
+            acc: GradAccumulator::new(grad_accum)?,
+            sums: Sums::new(),
+            group: Sums::new(),
+            group_started: Instant::now(),
+            last_lr: lr,
+            micro: 0,
+        })
     }
+    /// Continues an interrupted epoch (saved at a step boundary: nothing accumulated).
+    fn resume(&mut self, mid: MidEpoch) {
+        self.sums = mid.sums;
+        self.last_lr = mid.last_lr;
+        self.micro = mid.micro_batches;
+    }
+}
+
+fn not_started() -> Error {
+    Error::Adapter("the trainer has no run yet: call fit or resume_from first".into())
+}
+
+/// The directory holding a trainer state: `dir` itself, or `dir/last` for a run's output
+/// directory; an adapter directory without one (such as `best/`) is pointed to its `last/`.
+fn state_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.join(TRAINER_STATE_NAME).is_file() {
+        return Ok(dir.to_path_buf());
+    }
+    let last = dir.join("last");
+    if last.join(TRAINER_STATE_NAME).is_file() {
+        return Ok(last);
+    }
+    let sibling = dir.parent().map(|p| p.join("last")).filter(|l| l.join(TRAINER_STATE_NAME).is_file());
+    let hint = match sibling {
+        Some(l) => format!(
+            "{} is an adapter checkpoint, not a resumable state; resume from the run's last/ directory: {}",
+            dir.display(),
+            l.display()
+        ),
+        None => format!(
+            "no trainer state here nor in {}; resume from the `last/` directory (or the output directory) of \
+             a pvera training run",
+            last.display()
+        ),
+    };
+    Err(Error::io(dir.join(TRAINER_STATE_NAME), std::io::Error::new(std::io::ErrorKind::NotFound, hint)))
+}
+
+/// The first 12 characters of a data fingerprint, for messages.
+fn short_fingerprint(f: &str) -> &str {
+    f.char_indices().nth(12).map_or(f, |(i, _)| &f[..i])
+}
+
+fn save_active<M>(model: &PeftModel<M>, dir: &Path) -> Result<Vec<String>> {
+    let active = model.active_adapters();
+    let refs: Vec<&str> = active.iter().map(String::as_str).collect();
+    model.save_pretrained(dir, Some(&refs))
 }
 
 /// The first variable holding NaN or Inf, with its count (one device round trip for all).

@@ -23,7 +23,7 @@
 //! whose `sample_at_inference` is on), per adapter and per layer at run time
 //! ([`PeftModel::set_sample_at_inference`](crate::PeftModel::set_sample_at_inference)), and from
 //! the config's per-module `sample_at_inference` dict (which works here as documented; PEFT
-//! 0.21.2 only tests the dict for truthiness, spec §9.1).
+//! 0.21.2 only tests the dict for truthiness, docs/peft-behaviour.md §4).
 
 pub mod calibration;
 pub mod calibration_file;

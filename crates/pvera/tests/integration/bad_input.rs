@@ -158,7 +158,7 @@ fn corrupt_safetensors_and_configs_give_typed_errors() {
 #[test]
 fn failed_save_keeps_the_previous_adapter() {
     let (m, reg, info) = mlp();
-    let mut pm = PeftModel::from_pretrained(m, reg, info, &fixtures().join("peft/mlp_list/adapter"), "default", false).unwrap();
+    let pm = PeftModel::from_pretrained(m, reg, info, &fixtures().join("peft/mlp_list/adapter"), "default", false).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     pm.save_pretrained(tmp.path(), None).unwrap();
     let before = std::fs::read(tmp.path().join("adapter_model.safetensors")).unwrap();

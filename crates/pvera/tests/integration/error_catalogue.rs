@@ -312,6 +312,32 @@ fn model_dir_without_config_json() {
     row("model_dir_without_config_json", &e, &["config.json", "save_pretrained"]);
 }
 
+/// What anyhow's `{:#}` (the CLI's error line) prints: the error, then each `source()`.
+fn chain_text(e: &Error) -> String {
+    let mut out = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        out.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    out
+}
+
+/// issue 16 row 9: an error's text is printed once, not again as its source.
+#[test]
+fn error_chains_do_not_repeat_the_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let os = std::io::Error::from(std::io::ErrorKind::NotFound).to_string();
+    let missing = ModelDir::open(tmp.path()).unwrap_err();
+    let hub = pvera::models::loader::resolve_model_dir(Path::new("pvera-test-org/no-such-model")).unwrap_err();
+    let plain = Error::io(tmp.path().join("x"), std::io::Error::from(std::io::ErrorKind::NotFound));
+    let candle = Error::from(candle_core::Error::Msg("shape mismatch in matmul".into()));
+    for (e, once) in [(&missing, "a model directory needs config.json"), (&hub, "not in the local hub cache"), (&plain, os.as_str()), (&candle, "shape mismatch in matmul")] {
+        let text = chain_text(e);
+        assert_eq!(text.matches(once).count(), 1, "{text}");
+    }
+}
+
 #[test]
 fn model_dir_unknown_model_type() {
     let src = fixtures().join("models/bert_tiny/model");

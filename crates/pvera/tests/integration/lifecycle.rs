@@ -1,5 +1,5 @@
 //! Adapter lifecycle, ported from PEFT's `tests/test_pvera.py` and the PVeRA rows of
-//! `tests/test_custom_models.py` (spec §7), on the Rust MLP built through the model builder.
+//! `tests/test_custom_models.py` (docs/peft-behaviour.md §8), on the Rust MLP built through the model builder.
 
 use std::sync::Arc;
 
@@ -121,7 +121,7 @@ fn later_adapters_cannot_target_larger_layers_or_use_another_rank() {
 fn save_projection_true_restores_the_checkpoint_projections() {
     // PEFT test l.109: perturb A and B by +1, save, reload: the reloaded model uses the file's.
     let (m, reg, info) = mlp();
-    let mut pm = PeftModel::new(m, reg, info, cfg(&["lin1", "lin2"]), "default").unwrap();
+    let pm = PeftModel::new(m, reg, info, cfg(&["lin1", "lin2"]), "default").unwrap();
     let tmp = tempfile::tempdir().unwrap();
     pm.save_pretrained(tmp.path(), None).unwrap();
     let path = tmp.path().join("adapter_model.safetensors");
@@ -465,7 +465,7 @@ fn a_sample_at_inference_dict_means_per_module_and_warns_on_save() {
     let (m, reg, info) = mlp();
     let mut c = cfg(&["lin1", "lin2"]);
     c.sample_at_inference = SampleAtInference::PerModule([("lin1".to_string(), true)].into_iter().collect());
-    let mut pm = PeftModel::new(m, reg, info, c, "default").unwrap();
+    let pm = PeftModel::new(m, reg, info, c, "default").unwrap();
     let on = |p: &str| pm.registry().site(p).unwrap().with_slot("default", |s| s.sample_at_inference()).unwrap();
     assert!(on("lin1"));
     assert!(!on("lin2"));
@@ -505,8 +505,8 @@ fn adapters_in_task_prefix_or_alternative_naming_load_and_save_back_in_their_for
         std::fs::write(tmp.path().join("adapter_config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
         let (m, reg, mut info) = mlp();
         info.task_prefixes = vec!["net".into()];
-        info.alt_schemes = vec![pvera::inject::AltScheme { name: "fc", map: alt_lin }];
-        let mut pm = PeftModel::from_pretrained(m, reg, info, tmp.path(), "default", false)
+        info.alt_schemes = vec![pvera::builder::AltScheme { name: "fc", map: alt_lin }];
+        let pm = PeftModel::from_pretrained(m, reg, info, tmp.path(), "default", false)
             .unwrap_or_else(|e| panic!("{form}: {e}"));
         assert!(bits_equal(&pm.model().forward(&input()).unwrap(), &want), "{form}");
         let out = tempfile::tempdir().unwrap();

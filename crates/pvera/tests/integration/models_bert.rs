@@ -252,6 +252,61 @@ fn adapters_match_peft_eval_and_merged() {
     report(failures);
 }
 
+/// issue 16 row 1: `modules_to_save` copies travel into the merged model, as PEFT's
+/// `merge_and_unload()` / `unload()` replace the wrapper by the trained copy; `pvera merge` writes
+/// the registry's base tensors, so the registry must hold the copy's values.
+#[test]
+fn merge_and_unload_carries_modules_to_save_copies_like_peft() {
+    let case = BertCase::load("bert_modules_to_save");
+    let inputs = case.inputs();
+    let mut failures = Vec::new();
+    let pm = case.peft("adapter", None);
+    assert_eq!(pm.adapter("default").unwrap().modules_to_save, vec!["pooler.dense".to_string()]);
+    compare(&case, "eval", None, &fwd(&pm, &inputs), DType::F32, &mut failures);
+    let (m, reg) = pm.merge_and_unload(true, None).unwrap();
+    compare(&case, "merge_and_unload", None, &m.forward(&inputs).unwrap(), DType::F32, &mut failures);
+    // The registry's pooler is the adapter's trained copy, bit for bit.
+    let (file, _) = checkpoint::read_safetensors(&case.dir.join("adapter/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let site = reg.site("pooler.dense").unwrap();
+    for (got, param) in [(site.weight().unwrap(), "weight"), (site.bias().unwrap().unwrap(), "bias")] {
+        let want = &file[&checkpoint::module_param_key("pooler.dense", param)].tensor;
+        assert_eq!(max_diff(&got, want), 0.0, "pooler.dense.{param} is not the trained copy");
+    }
+    let (m, _) = case.peft("adapter", None).unload().unwrap();
+    compare(&case, "unload", None, &m.forward(&inputs).unwrap(), DType::F32, &mut failures);
+    report(failures);
+}
+
+/// A `modules_to_save` entry naming a module pvera cannot copy (here the whole `pooler`, not its
+/// linear layer): the trained values stay unused, so unloading refuses instead of silently
+/// writing the base values.
+#[test]
+fn unloading_refuses_modules_to_save_values_it_cannot_apply() {
+    let case = BertCase::load("bert_modules_to_save");
+    let tmp = tempfile::tempdir().unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(case.dir.join("adapter").join(f), tmp.path().join(f)).unwrap();
+    }
+    let cfg_path = tmp.path().join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).unwrap().replace("\"pooler.dense\"", "\"pooler\"");
+    std::fs::write(&cfg_path, text).unwrap();
+    let load = || {
+        let (m, reg, info) = case.model(None);
+        PeftModel::from_pretrained(m, reg, info, tmp.path(), "default", false).unwrap()
+    };
+    let mut pm = load();
+    assert!(pm.take_warnings().iter().any(|w| w.contains("\"pooler\"")), "the unused entry is reported on load");
+    assert_eq!(
+        pm.unapplied_module_tensors(),
+        vec![checkpoint::module_param_key("pooler.dense", "bias"), checkpoint::module_param_key("pooler.dense", "weight")]
+    );
+    for err in [pm.merge_and_unload(true, None).unwrap_err(), load().unload().unwrap_err()] {
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Adapter(_)), "{msg}");
+        assert!(msg.contains("pooler.dense.weight") && msg.contains("modules_to_save"), "{msg}");
+    }
+}
+
 #[test]
 fn all_linear_targets_every_linear_layer_with_transformers_names() {
     let case = BertCase::load("bert_tiny");

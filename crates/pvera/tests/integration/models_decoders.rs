@@ -242,7 +242,7 @@ fn decoder_site_paths_are_peft_module_names() {
         let case = Case::load(&name);
         for (dir, trained_on, _) in case.adapters() {
             let (peft_tensors, _) = checkpoint::read_safetensors(&dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
-            let mut pm = peft(&case, &dir).unwrap();
+            let pm = peft(&case, &dir).unwrap();
             if trained_on == case.class() {
                 for k in peft_tensors.keys() {
                     if let Some(path) = k.strip_prefix("base_model.model.").and_then(|k| k.strip_suffix(".pvera_lambda_b")) {
@@ -468,6 +468,33 @@ fn decoder_layer_filters_on_base_checkpoints() {
         let pm = PeftModel::new(m, r, i, cfg, "default").unwrap();
         assert_eq!(pm.adapter("default").unwrap().targets, want, "{name}");
         assert_eq!(pm.peft_config("default").unwrap().fan_in_fan_out, name.starts_with("gpt2"));
+    }
+}
+
+/// issue 16 row 9: a layer filter that keeps none of the targeted modules names
+/// `layers_to_transform` and the layers that exist, not "target_modules matched none".
+#[test]
+fn a_layer_filter_that_keeps_nothing_names_layers_to_transform() {
+    use pvera::config::{LayersPattern, LayersToTransform, TargetModules};
+    use pvera::PveraConfig;
+    let case = Case::load("llama_base");
+    for (filter, pattern, want) in [
+        (LayersToTransform::One(99), None, "99 selects no layer: the modules that target_modules matches are in layers 0, 1"),
+        (LayersToTransform::Many(vec![5, 7]), Some("layers"), "[5, 7] selects no layer: the modules that target_modules matches are in layers 0, 1 under layers_pattern [\"layers\"]"),
+        (LayersToTransform::One(1), Some("blocks"), "1 selects no layer: none of the modules that target_modules matches has a layer index under layers_pattern [\"blocks\"]"),
+    ] {
+        let (m, r, i) = load(&case, None);
+        let cfg = PveraConfig {
+            r: 4,
+            target_modules: Some(TargetModules::List(vec!["q_proj".into()])),
+            layers_to_transform: Some(filter),
+            layers_pattern: pattern.map(|p| LayersPattern::One(p.into())),
+            ..Default::default()
+        };
+        let err = PeftModel::new(m, r, i, cfg, "default").unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(&err, Error::InvalidConfig { field, .. } if field == "layers_to_transform"), "{msg}");
+        assert!(msg.contains(want), "{msg}");
     }
 }
 

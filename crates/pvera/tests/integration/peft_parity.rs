@@ -193,7 +193,7 @@ fn seeded_sampling_matches_peft() {
         } else {
             pm.eval().unwrap();
             if per_module {
-                // PEFT reads a non-empty dict as "sample everywhere" (spec §9.1); reproduce
+                // PEFT reads a non-empty dict as "sample everywhere" (docs/peft-behaviour.md §4); reproduce
                 // that reading through the run-time override.
                 pm.state().set_sampling(Sampling::Always).unwrap();
             }
@@ -229,7 +229,7 @@ fn peft_files_round_trip_through_rust_bit_for_bit() {
     let mut failures = Vec::new();
     for name in peft_cases() {
         let case = Case::load(&name);
-        let mut pm = load_case_model(&case);
+        let pm = load_case_model(&case);
         let tmp = tempfile::tempdir().unwrap();
         pm.save_pretrained(tmp.path(), None).unwrap();
         for (adapter, dir) in case.adapters() {

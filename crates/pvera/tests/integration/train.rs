@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use pvera::config::TargetModules;
 use pvera::peft_model::NamedVar;
 use pvera::train::{
-    shuffled_indices, AdamW, AdamWConfig, GradAccumulator, Gradients, IndexedData, Schedule, ScheduleKind,
-    Split, StepOutput, StopReason, Task, TrainConfig, TrainEvent, Trainer, Warmup,
+    shuffled_indices, AdamW, AdamWConfig, Batches, GradAccumulator, Gradients, Objective, Schedule, ScheduleKind,
+    StepOutput, StopReason, TrainConfig, TrainData, TrainEvent, Trainer, Warmup,
 };
 use pvera::{Error, PeftModel, PveraConfig, TorchGenerator};
 use serde_json::Value;
@@ -280,6 +280,49 @@ struct Problem {
     y: Vec<u32>,
 }
 
+/// Which part of the data a batch is made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Train,
+    Validation,
+}
+
+/// [`TrainData`] over indexed examples: training indices shuffled per epoch with
+/// [`shuffled_indices`], cut into batches of `batch_size` (the last one may be smaller),
+/// validation indices in order; `make` turns a phase and a list of indices into a batch.
+struct IndexedData<B, F: FnMut(Phase, &[usize]) -> pvera::Result<B>> {
+    n_train: usize,
+    n_val: usize,
+    batch_size: usize,
+    seed: u64,
+    make: F,
+}
+
+impl<B, F: FnMut(Phase, &[usize]) -> pvera::Result<B>> IndexedData<B, F> {
+    fn new(n_train: usize, n_val: usize, batch_size: usize, seed: u64, make: F) -> Self {
+        Self { n_train, n_val, batch_size, seed, make }
+    }
+}
+
+impl<B, F: FnMut(Phase, &[usize]) -> pvera::Result<B>> TrainData for IndexedData<B, F> {
+    type Batch = B;
+    fn num_train_batches(&self) -> usize {
+        self.n_train.div_ceil(self.batch_size)
+    }
+    fn train_batches(&mut self, epoch: usize) -> pvera::Result<Batches<'_, B>> {
+        let order = shuffled_indices(self.n_train, self.seed, epoch);
+        let chunks: Vec<Vec<usize>> = order.chunks(self.batch_size).map(|c| c.to_vec()).collect();
+        let make = &mut self.make;
+        Ok(Box::new(chunks.into_iter().map(move |c| make(Phase::Train, &c))))
+    }
+    fn val_batches(&mut self) -> pvera::Result<Batches<'_, B>> {
+        let idx: Vec<usize> = (0..self.n_val).collect();
+        let chunks: Vec<Vec<usize>> = idx.chunks(self.batch_size).map(|c| c.to_vec()).collect();
+        let make = &mut self.make;
+        Ok(Box::new(chunks.into_iter().map(move |c| make(Phase::Validation, &c))))
+    }
+}
+
 fn problem() -> Problem {
     let shift = 1.5f32;
     let mut g = TorchGenerator::new(2024);
@@ -310,8 +353,8 @@ struct Batch {
 }
 
 impl Problem {
-    fn batch(&self, split: Split, idx: &[usize]) -> pvera::Result<Batch> {
-        let off = if split == Split::Train { 0 } else { N_TRAIN };
+    fn batch(&self, split: Phase, idx: &[usize]) -> pvera::Result<Batch> {
+        let off = if split == Phase::Train { 0 } else { N_TRAIN };
         let mut x = Vec::with_capacity(idx.len() * 10);
         let mut y = Vec::with_capacity(idx.len());
         for &i in idx {
@@ -338,7 +381,7 @@ impl Classify {
     }
 }
 
-impl Task<TestModel> for Classify {
+impl Objective<TestModel> for Classify {
     type Batch = Batch;
     fn step(&self, model: &PeftModel<TestModel>, b: &Batch) -> pvera::Result<StepOutput> {
         let n = self.calls.get();
@@ -401,7 +444,7 @@ fn base_weights(pm: &PeftModel<TestModel>) -> Vec<Tensor> {
 
 fn val_loss_of(pm: &PeftModel<TestModel>, p: &Problem) -> (f64, f64) {
     pm.eval().unwrap();
-    let b = p.batch(Split::Validation, &(0..N_VAL).collect::<Vec<_>>()).unwrap();
+    let b = p.batch(Phase::Validation, &(0..N_VAL).collect::<Vec<_>>()).unwrap();
     let out = Classify::new().step(pm, &b).unwrap();
     (out.loss.to_scalar::<f32>().unwrap() as f64, out.correct.unwrap() as f64 / N_VAL as f64)
 }
@@ -504,6 +547,21 @@ fn run_to_end(out: &Path, cfg_edit: impl Fn(&mut TrainConfig), task: &Classify) 
     Ok(pm)
 }
 
+/// A resumed run ended where the uninterrupted one did: the same λ's bit for bit, and the same
+/// bytes in `best/` and `last/` (the trajectories agree, not only the end).
+fn assert_same_run(straight: &PeftModel<TestModel>, straight_out: &Path, resumed: &PeftModel<TestModel>, resumed_out: &Path) {
+    let (sa, sb) = (snapshot(straight), snapshot(resumed));
+    for (k, v) in &sa {
+        let same = v.iter().zip(&sb[k]).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{k}: the resumed run differs from the uninterrupted one (max diff {})", max_diff(v, &sb[k]));
+    }
+    for dir in ["best", "last"] {
+        let fa = std::fs::read(straight_out.join(dir).join("adapter_model.safetensors")).unwrap();
+        let fb = std::fs::read(resumed_out.join(dir).join("adapter_model.safetensors")).unwrap();
+        assert!(fa == fb, "{dir}/ differs");
+    }
+}
+
 #[test]
 fn resume_from_last_gives_the_same_lambdas_as_an_uninterrupted_run() {
     let a = tempfile::tempdir().unwrap();
@@ -533,17 +591,7 @@ fn resume_from_last_gives_the_same_lambdas_as_an_uninterrupted_run() {
     assert_eq!(report.epochs.len(), 4, "the history includes the epochs before the crash");
     assert_eq!(report.resumed_from.as_deref(), Some(b.path().join("last").as_path()));
 
-    let (sa, sb) = (snapshot(&straight), snapshot(&pm));
-    for (k, v) in &sa {
-        let same = v.iter().zip(&sb[k]).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(same, "{k}: resumed run differs from the uninterrupted one (max diff {})", max_diff(v, &sb[k]));
-    }
-    // The trajectories agree too: the checkpoints on disk are the same bytes.
-    for dir in ["best", "last"] {
-        let fa = std::fs::read(a.path().join(dir).join("adapter_model.safetensors")).unwrap();
-        let fb = std::fs::read(b.path().join(dir).join("adapter_model.safetensors")).unwrap();
-        assert!(fa == fb, "{dir}/ differs");
-    }
+    assert_same_run(&straight, a.path(), &pm, b.path());
 
     // Resuming with other settings works but says the run will differ.
     let mut pm2 = peft(adapter_cfg(Some(11), 0.1));
@@ -623,7 +671,7 @@ fn a_diverging_run_stops_with_non_finite_and_keeps_the_best_checkpoint() {
 /// backward multiplies d sqrt/du = inf by d u/dm = 2(m - m) = 0.
 struct NanGradient;
 
-impl Task<TestModel> for NanGradient {
+impl Objective<TestModel> for NanGradient {
     type Batch = Batch;
     fn step(&self, model: &PeftModel<TestModel>, b: &Batch) -> pvera::Result<StepOutput> {
         let logp = model.model().forward(&b.x)?;
@@ -746,4 +794,234 @@ fn bad_training_settings_are_refused() {
         .fit(&mut pm, &Classify::new(), &mut data, |_| {})
         .unwrap_err();
     assert!(err.to_string().contains("nothing to train"), "{err}");
+}
+
+// =================================================================================================
+// Interruption, resume targets, data identity (issue 16 rows 5, 9, 12)
+// =================================================================================================
+
+/// The settings of [`run_to_end`]: 4 epochs of 6 optimizer steps (12 micro-batches, grad_accum
+/// 2), dropout and seeded layer noise, so every generator matters for an exact continuation.
+fn control_cfg(out: &Path) -> TrainConfig {
+    TrainConfig { epochs: 4, grad_accum: 2, ..train_cfg(out) }
+}
+
+fn control_peft() -> PeftModel<TestModel> {
+    peft(adapter_cfg(Some(11), 0.1))
+}
+
+#[test]
+fn a_stop_flag_saves_the_step_and_resuming_continues_exactly() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let p = problem();
+    let a = tempfile::tempdir().unwrap();
+    let mut straight = control_peft();
+    let mut data = IndexedData::new(N_TRAIN, N_VAL, 16, 7, |s, i: &[usize]| p.batch(s, i));
+    let straight_report =
+        Trainer::new(control_cfg(a.path())).unwrap().fit(&mut straight, &Classify::new(), &mut data, |_| {}).unwrap();
+
+    // Raised during optimizer step 9 (epoch 2, micro-batches 5-6 of 12): training stops after it.
+    let b = tempfile::tempdir().unwrap();
+    let mut pm = control_peft();
+    let mut trainer = Trainer::new(control_cfg(b.path())).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    trainer.set_stop_flag(stop.clone());
+    let mut events = Vec::new();
+    let report = trainer
+        .fit(&mut pm, &Classify::new(), &mut data, |e| {
+            if matches!(e, TrainEvent::Step { step: 9, .. }) {
+                stop.store(true, Ordering::SeqCst);
+            }
+            events.push(e)
+        })
+        .unwrap();
+    assert_eq!(report.stop, StopReason::Interrupted);
+    assert_eq!(report.steps, 9);
+    assert_eq!(report.epochs.len(), 1, "epoch 2 did not finish");
+    let Some(TrainEvent::Interrupted { epoch, step, micro_batches, of, path, message }) =
+        events.iter().find(|e| matches!(e, TrainEvent::Interrupted { .. }))
+    else {
+        panic!("no Interrupted event: {events:?}")
+    };
+    assert_eq!((*epoch, *step, *micro_batches, *of), (2, 9, 6, 12));
+    assert_eq!(path, &b.path().join("last"));
+    assert!(message.contains("optimizer step 9") && message.contains(&path.display().to_string()), "{message}");
+    assert!(matches!(events.last(), Some(TrainEvent::Finished { reason: StopReason::Interrupted, .. })));
+
+    // A fresh process resumes from the run folder (its last/ is used) and ends where the
+    // uninterrupted run ended, bit for bit.
+    let mut pm = control_peft();
+    let mut trainer = Trainer::new(control_cfg(b.path())).unwrap();
+    trainer.resume_from(&mut pm, b.path()).unwrap();
+    assert_eq!((trainer.epochs_done(), trainer.steps_done()), (1, 9));
+    let mut events = Vec::new();
+    let report = trainer.fit(&mut pm, &Classify::new(), &mut data, |e| events.push(e)).unwrap();
+    assert_eq!(report.stop, StopReason::Completed);
+    assert!(matches!(events[0], TrainEvent::Started { start_epoch: 2, start_step: 9, .. }));
+    let first_step = events.iter().find_map(|e| match e {
+        TrainEvent::Step { step, examples, .. } => Some((*step, *examples)),
+        _ => None,
+    });
+    assert_eq!(first_step, Some((10, 8 * 16)), "continues at step 10 with the epoch's running count");
+    assert_same_run(&straight, a.path(), &pm, b.path());
+    // The interrupted epoch's metrics are those of the uninterrupted run.
+    let (e2, want) = (&report.epochs[1], &straight_report.epochs[1]);
+    assert_eq!((e2.train_loss, e2.train_kl, e2.train_accuracy), (want.train_loss, want.train_kl, want.train_accuracy));
+    assert_eq!((e2.val_loss, e2.step), (want.val_loss, want.step));
+
+    // A flag raised before fit starts: nothing trained, a consistent last/ written.
+    let c = tempfile::tempdir().unwrap();
+    let mut pm = control_peft();
+    let mut trainer = Trainer::new(control_cfg(c.path())).unwrap();
+    trainer.set_stop_flag(Arc::new(AtomicBool::new(true)));
+    let report = trainer.fit(&mut pm, &Classify::new(), &mut data, |_| {}).unwrap();
+    assert_eq!((report.stop, report.steps), (StopReason::Interrupted, 0));
+    let mut trainer = Trainer::new(control_cfg(c.path())).unwrap();
+    trainer.resume_from(&mut control_peft(), &c.path().join("last")).unwrap();
+    assert_eq!(trainer.steps_done(), 0);
+}
+
+#[test]
+fn step_events_carry_the_epochs_running_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = problem();
+    let mut pm = peft(adapter_cfg(None, 0.0));
+    let cfg = TrainConfig { epochs: 2, ..train_cfg(tmp.path()) };
+    let mut data = IndexedData::new(N_TRAIN, N_VAL, 16, 7, |s, i: &[usize]| p.batch(s, i));
+    let mut events = Vec::new();
+    let report = Trainer::new(cfg).unwrap().fit(&mut pm, &Classify::new(), &mut data, |e| events.push(e)).unwrap();
+    let steps: Vec<(usize, usize, usize)> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Step { epoch, examples, correct, .. } => Some((*epoch, *examples, correct.unwrap())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps.len(), 24);
+    for (i, (epoch, examples, correct)) in steps.iter().enumerate() {
+        assert_eq!(*epoch, i / 12 + 1);
+        assert_eq!(*examples, ((i % 12 + 1) * 16).min(N_TRAIN), "step {}", i + 1);
+        assert!(correct <= examples);
+    }
+    for (e, m) in report.epochs.iter().enumerate() {
+        let (_, examples, correct) = steps[e * 12 + 11];
+        assert_eq!(examples, m.train_examples);
+        assert_eq!(Some(correct as f64 / examples as f64), m.train_accuracy, "epoch {}", e + 1);
+    }
+    // A task that counts no correct predictions reports none.
+    let mut pm = peft(adapter_cfg(None, 0.0));
+    let mut seen = None;
+    let cfg = TrainConfig { epochs: 1, lr: 0.0, ..train_cfg(tmp.path()) };
+    Trainer::new(cfg)
+        .unwrap()
+        .fit(&mut pm, &NanGradientFree, &mut data, |e| {
+            if let TrainEvent::Step { correct, examples, .. } = e {
+                seen = Some((correct, examples));
+            }
+        })
+        .unwrap();
+    assert_eq!(seen, Some((None, N_TRAIN)));
+}
+
+/// The classification loss without counting correct predictions.
+struct NanGradientFree;
+
+impl Objective<TestModel> for NanGradientFree {
+    type Batch = Batch;
+    fn step(&self, model: &PeftModel<TestModel>, b: &Batch) -> pvera::Result<StepOutput> {
+        let out = Classify::new().step(model, b)?;
+        Ok(StepOutput { correct: None, ..out })
+    }
+}
+
+#[test]
+fn resume_targets_finished_runs_and_other_data_are_named() {
+    let p = problem();
+    let out = tempfile::tempdir().unwrap();
+    let fp = "3f9a1c77e0b24d5a9c0e11aa22bb33cc44dd55ee66ff77889900aabbccddeeff";
+    let run = |cfg: TrainConfig, resume: Option<&Path>| -> pvera::Result<Vec<TrainEvent>> {
+        let mut pm = control_peft();
+        let mut trainer = Trainer::new(cfg)?;
+        if let Some(r) = resume {
+            trainer.resume_from(&mut pm, r)?;
+        }
+        let mut data = IndexedData::new(N_TRAIN, N_VAL, 16, 7, |s, i: &[usize]| p.batch(s, i));
+        let mut events = Vec::new();
+        trainer.fit(&mut pm, &Classify::new(), &mut data, |e| events.push(e))?;
+        Ok(events)
+    };
+    let cfg = |epochs: usize, fingerprint: Option<&str>| TrainConfig {
+        epochs,
+        data_fingerprint: fingerprint.map(String::from),
+        ..control_cfg(out.path())
+    };
+    run(cfg(2, Some(fp)), None).unwrap();
+
+    // best/ has no trainer state: the error points to last/.
+    let err = Trainer::new(cfg(3, Some(fp))).unwrap().resume_from(&mut control_peft(), &out.path().join("best")).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("adapter checkpoint") && msg.contains(&out.path().join("last").display().to_string()), "{msg}");
+    // A folder that is no run at all.
+    let empty = tempfile::tempdir().unwrap();
+    let err = Trainer::new(cfg(3, Some(fp))).unwrap().resume_from(&mut control_peft(), empty.path()).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("last/"), "{err}");
+
+    // A run that finished all its epochs says so instead of "resuming at epoch 3".
+    let err = run(cfg(2, Some(fp)), Some(out.path())).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(&err, Error::InvalidConfig { field, .. } if field == "epochs"), "{msg}");
+    assert!(msg.contains("finished 2/2 epochs") && msg.contains("raise epochs"), "{msg}");
+
+    // Other data of the same size: refused, both fingerprints named by their short forms.
+    let other = "77e0b24d5a9c0e11aa22bb33cc44dd55ee66ff77889900aabbccddeeff3f9a1c";
+    let err = run(cfg(3, Some(other)), Some(out.path())).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Data(_)), "{msg}");
+    assert!(msg.contains("3f9a1c77e0b2") && msg.contains("77e0b24d5a9c") && msg.contains("--data"), "{msg}");
+    assert!(!msg.contains(fp), "short forms only: {msg}");
+    // The same data continues.
+    let events = run(cfg(3, Some(fp)), Some(out.path())).unwrap();
+    assert!(!events.iter().any(|e| matches!(e, TrainEvent::Warning { message } if message.contains("fingerprint"))));
+
+    // A state saved without a fingerprint (older files) is accepted with a warning.
+    let old = tempfile::tempdir().unwrap();
+    let old_cfg = |epochs, fingerprint: Option<&str>| TrainConfig {
+        epochs,
+        data_fingerprint: fingerprint.map(String::from),
+        ..control_cfg(old.path())
+    };
+    run(old_cfg(1, None), None).unwrap();
+    let events = run(old_cfg(2, Some(fp)), Some(old.path())).unwrap();
+    assert!(
+        events.iter().any(|e| matches!(e, TrainEvent::Warning { message } if message.contains("no data fingerprint"))),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn an_early_stopped_run_resumes_only_with_more_patience() {
+    let p = problem();
+    let out = tempfile::tempdir().unwrap();
+    let cfg = |patience: usize| TrainConfig {
+        epochs: 10,
+        lr: 0.0,
+        patience: Some(patience),
+        schedule: ScheduleKind::Constant,
+        output_dir: out.path().to_path_buf(),
+        ..Default::default()
+    };
+    let mut data = IndexedData::new(N_TRAIN, N_VAL, 16, 7, |s, i: &[usize]| p.batch(s, i));
+    let mut pm = peft(adapter_cfg(None, 0.0));
+    let report = Trainer::new(cfg(2)).unwrap().fit(&mut pm, &Classify::new(), &mut data, |_| {}).unwrap();
+    assert_eq!((report.stop, report.epochs.len()), (StopReason::EarlyStopped, 3));
+    let err = Trainer::new(cfg(2)).unwrap().resume_from(&mut peft(adapter_cfg(None, 0.0)), out.path()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(&err, Error::InvalidConfig { field, .. } if field == "patience"), "{msg}");
+    assert!(msg.contains("stopped early after epoch 3") && msg.contains("raise patience"), "{msg}");
+    let mut pm = peft(adapter_cfg(None, 0.0));
+    let mut t = Trainer::new(cfg(4)).unwrap();
+    t.resume_from(&mut pm, out.path()).unwrap();
+    let report = t.fit(&mut pm, &Classify::new(), &mut data, |_| {}).unwrap();
+    assert_eq!((report.stop, report.epochs.len()), (StopReason::EarlyStopped, 5));
 }

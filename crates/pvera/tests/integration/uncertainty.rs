@@ -147,6 +147,9 @@ fn per_layer_sampling_switch_is_honoured_at_run_time() {
     // a module no layer has is an error, and changes nothing
     let err = pm.set_sample_at_inference("default", Some(&["lin2", "nope"]), false).unwrap_err();
     assert!(err.to_string().contains("nope"), "{err}");
+    // the message lists the adapted layers, not every linear layer of the model (issue 16 row 9)
+    let msg = err.to_string();
+    assert!(msg.contains("[\"lin1\", \"lin2\"]") && !msg.contains("lin0") && !msg.contains("lin3"), "{msg}");
     let again = run(&pm, &io["x"], &from_config);
     assert_eq!(again.probs, only2.probs);
     assert!(pm.set_sample_at_inference("other", None, true).is_err());

@@ -281,16 +281,6 @@ impl<'a> Builder<'a> {
     }
 }
 
-/// `linear(in, out, bias, vb.pp("query"))`, candle style.
-pub fn linear(in_features: usize, out_features: usize, bias: bool, vb: Builder<'_>) -> Result<Linear> {
-    vb.linear(in_features, out_features, bias)
-}
-
-/// `conv1d(in, out, vb.pp("c_attn"))` for GPT-2 style layers (always with bias, as transformers).
-pub fn conv1d(in_features: usize, out_features: usize, vb: Builder<'_>) -> Result<Linear> {
-    vb.conv1d(in_features, out_features, true)
-}
-
 fn missing(full: &str, shape: &Shape, e: candle_core::Error) -> Error {
     let msg = e.to_string();
     if msg.contains("shape mismatch") {

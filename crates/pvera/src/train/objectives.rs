@@ -1,21 +1,16 @@
-//! Ready-made [`Task`]s for the [`Trainer`](super::Trainer) and a [`TrainData`] over a
-//! [`Dataset`](crate::data::Dataset) and its split.
+//! Ready-made [`Objective`]s for the [`Trainer`](super::Trainer):
 //!
-//! - [`ClassificationTask`]: a [`Classifier`] (backbone + pooled `classifier` head); mean
+//! - [`ClassificationObjective`]: a [`Classifier`] (backbone + pooled `classifier` head); mean
 //!   cross-entropy of the logits against `u32` class ids, and the number of correct argmax
 //!   predictions.
-//! - [`CausalLmTask`]: an [`AnyModel`] with an LM head (LLaMA / GPT-2 `*ForCausalLM`); the
+//! - [`CausalLmObjective`]: an [`AnyModel`] with an LM head (LLaMA / GPT-2 `*ForCausalLM`); the
 //!   next-token cross-entropy of transformers (`logits[:, :-1]` against `labels[:, 1:]`), averaged
 //!   over the target tokens the attention mask keeps (padding ignored, as `-100` labels are).
-//! - [`SplitData`]: training examples shuffled per epoch with
-//!   [`shuffled_indices`](super::shuffled_indices), validation examples in order.
-
-use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
 
-use super::trainer::{shuffled_indices, Batches, StepOutput, Task, TrainData};
-use crate::data::{Batch, Dataset};
+use super::trainer::{Objective, StepOutput};
+use crate::data::Batch;
 use crate::error::{Error, Result};
 use crate::models::heads::Classifier;
 use crate::models::AnyModel;
@@ -74,9 +69,9 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -
 
 /// Sequence / image classification with a [`Classifier`].
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ClassificationTask;
+pub struct ClassificationObjective;
 
-impl Task<Classifier> for ClassificationTask {
+impl Objective<Classifier> for ClassificationObjective {
     type Batch = Batch;
     fn step(&self, model: &PeftModel<Classifier>, batch: &Batch) -> Result<StepOutput> {
         let logits = model.model().forward(&batch.inputs)?;
@@ -87,9 +82,9 @@ impl Task<Classifier> for ClassificationTask {
 
 /// Causal language modelling with an [`AnyModel`] that has an LM head.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CausalLmTask;
+pub struct CausalLmObjective;
 
-impl Task<AnyModel> for CausalLmTask {
+impl Objective<AnyModel> for CausalLmObjective {
     type Batch = Batch;
     fn step(&self, model: &PeftModel<AnyModel>, batch: &Batch) -> Result<StepOutput> {
         let out = model.model().forward(&batch.inputs)?;
@@ -100,68 +95,6 @@ impl Task<AnyModel> for CausalLmTask {
         })?;
         let (loss, _) = causal_lm_loss(logits, &batch.labels, batch.inputs.attention_mask.as_ref())?;
         Ok(StepOutput { loss, examples: batch.len(), correct: None })
-    }
-}
-
-/// [`TrainData`] over a data set and a train/validation split of its indices.
-pub struct SplitData {
-    data: Arc<dyn Dataset>,
-    train: Vec<usize>,
-    val: Vec<usize>,
-    batch_size: usize,
-    seed: u64,
-}
-
-impl std::fmt::Debug for SplitData {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SplitData")
-            .field("train", &self.train.len())
-            .field("val", &self.val.len())
-            .field("batch_size", &self.batch_size)
-            .finish()
-    }
-}
-
-impl SplitData {
-    /// Training on the examples `train` of `data` (shuffled per epoch from `seed`), validation on
-    /// `val` (in order), in batches of `batch_size`.
-    pub fn new(data: Arc<dyn Dataset>, train: Vec<usize>, val: Vec<usize>, batch_size: usize, seed: u64) -> Result<Self> {
-        crate::data::check_indices(&train, data.len(), "SplitData (train)")?;
-        crate::data::check_indices(&val, data.len(), "SplitData (validation)")?;
-        if train.is_empty() {
-            return Err(Error::Model("no training examples: the split left the training set empty".into()));
-        }
-        if batch_size == 0 {
-            return Err(Error::config("batch_size", "must be at least 1"));
-        }
-        Ok(SplitData { data, train, val, batch_size, seed })
-    }
-    /// Number of training examples.
-    pub fn n_train(&self) -> usize {
-        self.train.len()
-    }
-    /// Number of validation examples.
-    pub fn n_val(&self) -> usize {
-        self.val.len()
-    }
-}
-
-impl TrainData for SplitData {
-    type Batch = Batch;
-    fn num_train_batches(&self) -> usize {
-        self.train.len().div_ceil(self.batch_size)
-    }
-    fn train_batches(&mut self, epoch: usize) -> Result<Batches<'_, Batch>> {
-        let order = shuffled_indices(self.train.len(), self.seed, epoch);
-        let idx: Vec<usize> = order.into_iter().map(|i| self.train[i]).collect();
-        let chunks: Vec<Vec<usize>> = idx.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
-        let data = self.data.clone();
-        Ok(Box::new(chunks.into_iter().map(move |c| data.get_batch(&c))))
-    }
-    fn val_batches(&mut self) -> Result<Batches<'_, Batch>> {
-        let chunks: Vec<Vec<usize>> = self.val.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
-        let data = self.data.clone();
-        Ok(Box::new(chunks.into_iter().map(move |c| data.get_batch(&c))))
     }
 }
 
