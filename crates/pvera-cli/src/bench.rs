@@ -352,7 +352,7 @@ pub fn run(args: BenchArgs) -> Result<u8> {
         // `pvera predict` / `pvera eval` run): S samples stacked into forwards of at most
         // `mc_batch`·B rows, every adapted layer sampling, softmax per sample; the mean-mode
         // forward is left out so the row times the S sampled passes only.
-        let s = args.mc_samples.max(1);
+        let s = args.mc_samples;
         let chunk = args.mc_batch.unwrap_or(pvera::uncertainty::mc::DEFAULT_MAX_ROWS / batch.max(1)).clamp(1, s);
         let cfg = pvera::uncertainty::McConfig {
             samples: s,
@@ -361,6 +361,9 @@ pub fn run(args: BenchArgs) -> Result<u8> {
             mode: pvera::uncertainty::McMode::Batched,
             sampling: Sampling::Always,
             with_mean: false,
+            // The generators' streams: the sampling path PEFT computes (the row the comparison
+            // with PyTorch + PEFT is about).
+            noise: pvera::uncertainty::McNoise::Generators,
         };
         let ms = time_it(args.warmup, args.reps, || {
             let out = pvera::uncertainty::mc_predict(&pm, &mi, &cfg, |x: &ModelInputs| pm.model().forward(x))?;

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use pvera::models::heads::Pooling;
 use pvera::predictor::inputs::{batch_labels, image_files, labelled_data, subset, text_file, InputSet};
 use pvera::predictor::meta::{data_fingerprint, read_labels, SplitRecord};
-use pvera::predictor::{Modality, PredictConfig, PredictorOptions, TaskOverrides};
+use pvera::predictor::{Modality, Noise, PredictConfig, PredictorOptions, TaskOverrides};
 use pvera::state::Sampling;
 use pvera::uncertainty::{evaluate, ood_auroc, reliability_svg, McMode, Prediction};
 use pvera::Predictor;
@@ -49,7 +49,9 @@ pub struct CommonArgs {
     /// (default: the library's `DEFAULT_MAX_ROWS`, measured fastest on MiniLM-sized inputs).
     #[arg(long, default_value_t = pvera::uncertainty::mc::DEFAULT_MAX_ROWS)]
     pub max_rows: usize,
-    /// Run the samples one forward each, as PEFT's example does (same noise as PEFT for any shapes).
+    /// Run the samples one forward each with the generators' noise streams, as PEFT's example does
+    /// (PEFT's own samples for any shapes). Default: batched, each input's noise derived from the
+    /// seed and its position, so an answer does not depend on --batch-size or --max-rows.
     #[arg(long)]
     pub sequential: bool,
     /// Sample only in the layers whose sample_at_inference is on (the config or its per-module dict)
@@ -195,6 +197,7 @@ fn open(args: &CommonArgs, min_samples: usize) -> Result<(Predictor, PredictConf
         max_rows: args.max_rows,
         mode: if args.sequential { McMode::Sequential } else { McMode::Batched },
         sampling: if args.sample_from_config || args.sample_modules.is_some() { Sampling::FromConfig } else { Sampling::Always },
+        noise: if args.sequential { Noise::Generators } else { Noise::PerInput },
     };
     Ok((p, cfg))
 }

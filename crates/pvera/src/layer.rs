@@ -686,6 +686,8 @@ impl Site {
         let view = self.state.forward_view();
         let y = if view.disabled {
             self.forward_disabled(&x2, &view)?
+        } else if let Some(rows) = view.rows.adapters.clone() {
+            self.forward_mixed(&*self.read()?, &x2, &rows, &view)?
         } else {
             let g = self.read()?;
             // modules_to_save: the first active adapter with a copy replaces the whole layer.
@@ -733,7 +735,7 @@ impl Site {
         for name in active {
             let Some(slot) = g.adapters.get(name) else { continue };
             if samples(slot, view) {
-                let noise = self.noise_delta(slot, name, x32.get()?)?;
+                let noise = self.noise_delta(slot, name, x32.get()?, view)?;
                 y = (y.to_dtype(DType::F32)? + noise)?;
             }
         }
@@ -754,6 +756,140 @@ impl Site {
             let Some(slot) = g.adapters.get(name) else { continue };
             let delta = self.adapter_delta(slot, name, x32.get()?, key, view)?;
             y = (y.to_dtype(DType::F32)? + delta)?;
+        }
+        Ok(y)
+    }
+
+    /// A batch whose rows go through different adapters ([`RowPlan::adapters`](crate::state::RowPlan)):
+    /// the base layer once for all rows; rows whose adapter has a `modules_to_save` copy here take
+    /// the copy's output instead; then, per group of adapters sharing one projection pair, one
+    /// `x·Aᵀ` over the group's rows, each row scaled by its own adapter's λ_d, `z` (sampled per
+    /// row where the adapter samples, from the row's own noise seed), one `z·Bᵀ`, each row scaled by
+    /// its λ_b. Rows without an adapter (or whose adapter does not adapt this layer) keep the base
+    /// output. The result equals running each adapter's rows alone (same noise per row); merged
+    /// weights do not apply. Inference only.
+    fn forward_mixed(&self, g: &SiteInner, x2: &Tensor, rows: &[Option<String>], view: &ForwardView) -> Result<Tensor> {
+        if view.mode == Mode::Train {
+            return Err(Error::Adapter(format!(
+                "{}: a mixed-adapter batch (a row plan with adapters) is for inference; train one adapter at a time",
+                self.path
+            )));
+        }
+        if !g.merged.is_empty() {
+            return Err(Error::Adapter(format!(
+                "{}: adapters {:?} are merged into the weight; unmerge them before a mixed-adapter batch",
+                self.path, g.merged
+            )));
+        }
+        let n = x2.dims()[0];
+        let b = rows.len();
+        if b == 0 || n % b != 0 {
+            return Err(Error::Model(format!(
+                "{}: the row plan names {b} adapter(s) but the input has {n} row(s); give one adapter per batch row",
+                self.path
+            )));
+        }
+        let per = n / b;
+        let dev = x2.device().clone();
+        let token_rows = |batch_rows: &[usize]| -> Result<Tensor> {
+            let idx: Vec<u32> = batch_rows.iter().flat_map(|&i| (i * per..(i + 1) * per).map(|t| t as u32)).collect();
+            let len = idx.len();
+            Ok(Tensor::from_vec(idx, len, &dev)?)
+        };
+        let mut y = self.base_forward(x2, &g.weight, base_bias(g, false).as_ref(), true)?.to_dtype(DType::F32)?;
+        // modules_to_save copies replace the layer for their adapter's rows.
+        let mut names: Vec<&String> = rows.iter().flatten().collect();
+        names.sort();
+        names.dedup();
+        for name in &names {
+            let Some(copy) = g.copies.get(*name) else { continue };
+            let mine: Vec<usize> = (0..b).filter(|&i| rows[i].as_ref() == Some(*name)).collect();
+            let idx = token_rows(&mine)?;
+            let xs = x2.index_select(&idx, 0)?;
+            let bias = copy.bias.as_ref().map(|v| live(v, false));
+            let yc = self.base_forward(&xs, &live(&copy.weight, false), bias.as_ref(), false)?.to_dtype(DType::F32)?;
+            let old = y.index_select(&idx, 0)?;
+            y = y.index_add(&idx, &(yc - old)?, 0)?;
+        }
+        // Adapters with a slot here and no copy, grouped by their projections.
+        let mut groups: Vec<(usize, Vec<&String>)> = Vec::new();
+        for name in &names {
+            if g.copies.contains_key(*name) {
+                continue;
+            }
+            let Some(slot) = g.adapters.get(*name) else { continue };
+            let key = Arc::as_ptr(&slot.projections) as usize;
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(name),
+                None => groups.push((key, vec![name])),
+            }
+        }
+        let x32 = x2.to_dtype(DType::F32)?;
+        for (_, members) in groups {
+            let mine: Vec<usize> = (0..b).filter(|&i| rows[i].as_ref().is_some_and(|a| members.contains(&a))).collect();
+            let all = mine.len() == b;
+            let idx = token_rows(&mine)?;
+            let xs = if all { x32.clone() } else { x32.index_select(&idx, 0)? };
+            // Each token row's index into the group's stacked λ's.
+            let which: Vec<u32> = mine
+                .iter()
+                .flat_map(|&i| {
+                    let k = members.iter().position(|m| Some(*m) == rows[i].as_ref()).unwrap_or(0) as u32;
+                    std::iter::repeat_n(k, per)
+                })
+                .collect();
+            let which_len = which.len();
+            let which = Tensor::from_vec(which, which_len, &dev)?;
+            let slots: Vec<&AdapterSlot> = members.iter().filter_map(|m| g.adapters.get(*m)).collect();
+            let first = slots[0];
+            let r = first.r;
+            let p = &first.projections;
+            let lds: Vec<Tensor> = slots.iter().map(|s| s.lambdas(false).1).collect();
+            let lbs: Vec<Tensor> = slots.iter().map(|s| s.lambdas(false).0).collect();
+            let ld = Tensor::stack(&lds, 0)?.index_select(&which, 0)?; // (m, 2R)
+            let lb = Tensor::stack(&lbs, 0)?.index_select(&which, 0)?; // (m, out)
+            let h = (matmul_const(&xs, &p.a_slice_t(self.in_features)?)? * ld)?;
+            let mu = h.narrow(1, 0, r)?;
+            let sampling: Vec<bool> = slots.iter().map(|s| samples(s, view)).collect();
+            let z = if sampling.iter().any(|&x| x) {
+                let seeds = view.rows.seeds.as_ref().ok_or_else(|| {
+                    Error::Adapter(format!(
+                        "{}: sampling in a mixed-adapter batch needs a noise seed per row (RowPlan::seeds)",
+                        self.path
+                    ))
+                })?;
+                if seeds.len() != b {
+                    return Err(Error::Model(format!(
+                        "{}: the row plan has {} noise seed(s) for {b} row(s)",
+                        self.path,
+                        seeds.len()
+                    )));
+                }
+                let logvar = h.narrow(1, r, r)?;
+                let mut eps = Vec::with_capacity(mine.len() * per * r);
+                let mut mask = Vec::with_capacity(mine.len() * per);
+                for &i in &mine {
+                    let k = members.iter().position(|m| Some(*m) == rows[i].as_ref()).unwrap_or(0);
+                    if sampling[k] {
+                        check_logvar(&logvar.narrow(0, mask.len(), per)?, &self.path, members[k])?;
+                        let label = format!("{}/{}", self.path, members[k]);
+                        eps.extend(TorchGenerator::new(crate::rng::mix_seed(seeds[i], &label)).randn_f32(per * r));
+                        mask.extend(std::iter::repeat_n(1f32, per));
+                    } else {
+                        eps.extend(std::iter::repeat_n(0f32, per * r));
+                        mask.extend(std::iter::repeat_n(0f32, per));
+                    }
+                }
+                let m = mine.len() * per;
+                let eps = Tensor::from_vec(eps, (m, r), &dev)?;
+                // Rows that do not sample get ε = 0 (and their std is never used).
+                let std = (&logvar * 0.5)?.exp()?.broadcast_mul(&Tensor::from_vec(mask, (m, 1), &dev)?)?;
+                (mu + (eps * std)?)?
+            } else {
+                mu
+            };
+            let delta = (matmul_const(&z, &p.b_slice_t(self.out_features)?)? * lb)?;
+            y = if all { (y + delta)? } else { y.index_add(&idx, &delta, 0)? };
         }
         Ok(y)
     }
@@ -793,9 +929,29 @@ impl Site {
         Ok(Some(w))
     }
 
-    /// `m` standard normal draws for a sampling adapter: from its own generator
-    /// (`generator_seed`), else from the run state's global one.
-    fn draw_eps(&self, slot: &AdapterSlot, m: usize) -> Result<Vec<f32>> {
+    /// `m` standard normal draws for a sampling adapter: per batch row from the row's own seed
+    /// when the forward has a [`RowPlan`](crate::state::RowPlan) with seeds (row `i`'s
+    /// `m / rows` values from a generator seeded with a mix of its seed, this module's path and
+    /// the adapter name), else from the adapter's own generator (`generator_seed`), else from the
+    /// run state's global one.
+    fn draw_eps(&self, slot: &AdapterSlot, name: &str, m: usize, view: &ForwardView) -> Result<Vec<f32>> {
+        if let Some(seeds) = &view.rows.seeds {
+            let rows = seeds.len();
+            if rows == 0 || m % rows != 0 {
+                return Err(Error::Model(format!(
+                    "{}: the row plan has {rows} noise seed(s) but this forward draws {m} values; set one seed per \
+                     batch row",
+                    self.path
+                )));
+            }
+            let per = m / rows;
+            let label = format!("{}/{name}", self.path);
+            let mut out = Vec::with_capacity(m);
+            for &seed in seeds.iter() {
+                out.extend(TorchGenerator::new(crate::rng::mix_seed(seed, &label)).randn_f32(per));
+            }
+            return Ok(out);
+        }
         match &slot.generator {
             Some(gen) => Ok(gen.lock().map_err(|_| poisoned())?.randn_f32(m)),
             None => self.state.with_global_generator(|g| g.randn_f32(m)),
@@ -805,7 +961,7 @@ impl Site {
     /// The noise path of a sampling adapter whose mean path is merged:
     /// `λ_b ⊙ ((ε ⊙ exp(0.5 · λ_d[R:] ⊙ (x · A[R:]ᵀ))) · Bᵀ)`, drawing ε exactly as the unmerged
     /// path does (n·r values from the same generator).
-    fn noise_delta(&self, slot: &AdapterSlot, name: &str, x32: &Tensor) -> Result<Tensor> {
+    fn noise_delta(&self, slot: &AdapterSlot, name: &str, x32: &Tensor, view: &ForwardView) -> Result<Tensor> {
         let n = x32.dims()[0];
         let r = slot.r;
         let p = &slot.projections;
@@ -814,7 +970,7 @@ impl Site {
         let ld = ld.narrow(0, r, r)?;
         let logvar = matmul_const(x32, &a_t)?.broadcast_mul(&ld)?;
         check_logvar(&logvar, &self.path, name)?;
-        let eps = Tensor::from_vec(self.draw_eps(slot, n * r)?, (n, r), x32.device())?;
+        let eps = Tensor::from_vec(self.draw_eps(slot, name, n * r, view)?, (n, r), x32.device())?;
         let z = (eps * (&logvar * 0.5)?.exp()?)?;
         let b_t = p.b_slice_t(self.out_features)?; // (R, out)
         Ok(matmul_const(&z, &b_t)?.broadcast_mul(&lb)?)
@@ -851,7 +1007,7 @@ impl Site {
         let sample = training || samples(slot, view);
         if sample && !(training && view.collect_kl) {
             let lambdas = (&lb, &ld);
-            if let Some(delta) = self.sampled_delta_fused(slot, name, &xd, &a_t, &b_t, lambdas, key)? {
+            if let Some(delta) = self.sampled_delta_fused(slot, name, &xd, &a_t, &b_t, lambdas, key, view)? {
                 return Ok(delta);
             }
         }
@@ -861,7 +1017,7 @@ impl Site {
         let z = if sample {
             let logvar = h.narrow(1, r, r)?;
             check_logvar(&logvar, &self.path, name)?;
-            let eps = Tensor::from_vec(self.draw_eps(slot, n * r)?, (n, r), x32.device())?;
+            let eps = Tensor::from_vec(self.draw_eps(slot, name, n * r, view)?, (n, r), x32.device())?;
             let std = (&logvar * 0.5)?.exp()?;
             if training && view.collect_kl {
                 let kl = kl_term(&mu, &logvar)?;
@@ -890,12 +1046,13 @@ impl Site {
         b_t: &Tensor,
         (lb, ld): (&Tensor, &Tensor),
         key: Option<candle_core::TensorId>,
+        view: &ForwardView,
     ) -> Result<Option<Tensor>> {
         let n = xd.dims()[0];
         let r = slot.r;
         let p = &slot.projections;
         let cached = key.and_then(|k| p.xa(k, self.in_features, n));
-        let draw = |m: usize| self.draw_eps(slot, m);
+        let draw = |m: usize| self.draw_eps(slot, name, m, view);
         let tracked = xd.track_op() || lb.track_op() || ld.track_op();
         let untracked = match tracked {
             true => None,

@@ -80,6 +80,17 @@ const MASK_53: u64 = (1 << 53) - 1;
 /// `torch.Generator().get_state()`.
 pub const TORCH_STATE_SIZE: usize = 5056;
 
+/// A seed derived from `seed` and a label (a module path, an adapter name): FNV-1a of the label
+/// folded into the seed with [`splitmix64_mix`]. Distinct labels give unrelated streams.
+pub fn mix_seed(seed: u64, label: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in label.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    splitmix64_mix(seed ^ h)
+}
+
 /// The output function of splitmix64 (Steele, Lea and Flood; Vigna's constants): a bijective mix
 /// of 64 bits in which every input bit affects every output bit. pvera derives seeds with it
 /// (not a torch algorithm): per-epoch layer seeds in the trainer, per-layer seeds under

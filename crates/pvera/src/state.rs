@@ -5,7 +5,7 @@
 //! holds an `Arc` to. KL terms of the PVeRA latent are collected here during a training forward
 //! and drained by the trainer.
 
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::Tensor;
 
@@ -47,6 +47,28 @@ pub enum NoisePolicy {
     Independent,
 }
 
+/// Per-row routing of one forward pass over a batch: which adapter each batch row goes through
+/// (a mixed-adapter batch) and the seed of each row's sampling noise. Set for one forward (or one
+/// Monte Carlo call) and cleared afterwards; see [`RunState::set_rows`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RowPlan {
+    /// The adapter of each batch row (`None`: the base model alone). When set, the active adapters
+    /// are ignored and every site routes each row through its own adapter; auto-merged weights do
+    /// not apply.
+    pub adapters: Option<Arc<Vec<Option<String>>>>,
+    /// The noise seed of each batch row: a sampling layer draws row `i`'s ε from a generator seeded
+    /// with a mix of `seeds[i]`, the module path and the adapter name, so a row's noise does not
+    /// depend on the other rows of its batch (the batch may mix requests, adapters, sizes).
+    pub seeds: Option<Arc<Vec<u64>>>,
+}
+
+impl RowPlan {
+    /// Number of batch rows the plan describes (`None` when it describes none).
+    pub fn rows(&self) -> Option<usize> {
+        self.adapters.as_ref().map(|a| a.len()).or_else(|| self.seeds.as_ref().map(|s| s.len()))
+    }
+}
+
 /// One KL term produced by one adapter in one layer during a forward pass.
 #[derive(Clone, Debug)]
 pub struct KlTerm {
@@ -77,6 +99,8 @@ pub struct ForwardView {
     pub auto_merge: bool,
     /// ... also while sampling (see [`RunState::set_merged_sampling`]).
     pub merged_sampling: bool,
+    /// Per-row adapters and noise seeds of this forward (see [`RowPlan`]).
+    pub rows: RowPlan,
 }
 
 #[derive(Debug)]
@@ -90,6 +114,7 @@ struct Flags {
     merged_sampling: bool,
     noise: NoisePolicy,
     grad_enabled: bool,
+    rows: RowPlan,
 }
 
 /// The shared state of one model (see the module docs).
@@ -126,10 +151,24 @@ impl RunState {
                 merged_sampling: false,
                 noise: NoisePolicy::PeftCompatible,
                 grad_enabled: true,
+                rows: RowPlan::default(),
             }),
             kl: Mutex::new(Vec::new()),
             global: Mutex::new(TorchGenerator::new(seed)),
         }
+    }
+
+    /// The per-row plan of the forwards that follow ([`RowPlan::default`] clears it). Callers set
+    /// it around one forward (or one Monte Carlo call) and clear it afterwards; a plan whose row
+    /// count does not match a forward's batch is an error in that forward.
+    pub fn set_rows(&self, plan: RowPlan) -> Result<()> {
+        self.flags.write().map_err(|_| poisoned())?.rows = plan;
+        Ok(())
+    }
+
+    /// The current per-row plan.
+    pub fn rows(&self) -> RowPlan {
+        self.flags.read().map(|f| f.rows.clone()).unwrap_or_default()
     }
 
     /// Everything a layer's forward pass reads, under one lock.
@@ -144,6 +183,7 @@ impl RunState {
                 grad_enabled: f.grad_enabled,
                 auto_merge: f.auto_merge,
                 merged_sampling: f.merged_sampling,
+                rows: f.rows.clone(),
             },
             Err(_) => ForwardView {
                 mode: Mode::Eval,
@@ -154,6 +194,7 @@ impl RunState {
                 grad_enabled: true,
                 auto_merge: false,
                 merged_sampling: false,
+                rows: RowPlan::default(),
             },
         }
     }

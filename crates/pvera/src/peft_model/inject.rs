@@ -10,7 +10,7 @@ use crate::config::{Bias, LayersToTransform, PveraConfig, TargetModules};
 use crate::error::{Error, Result};
 use crate::layer::{Linear, SlotSpec};
 use crate::projection::Projections;
-use crate::rng::splitmix64_mix;
+use crate::rng::mix_seed;
 use crate::state::NoisePolicy;
 use crate::targets::{self, TargetMatcher};
 
@@ -332,15 +332,6 @@ impl<M> PeftModel<M> {
     }
 }
 
-fn mix_seed(seed: u64, path: &str) -> u64 {
-    // FNV-1a of the module path, folded into the seed with a splitmix64 finaliser.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in path.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    splitmix64_mix(seed ^ h)
-}
 
 fn py_bool(b: bool) -> &'static str {
     if b { "True" } else { "False" }

@@ -28,7 +28,8 @@ use crate::models::loader::{resolve_model_dir, ModelDir};
 use crate::models::{AnyModel, ModelInputs, ModelOutputs};
 use crate::peft_model::PeftModel;
 use crate::state::{RunState, Sampling};
-use crate::uncertainty::{mc_predict, mean_predict, stats::input_stats, McConfig, McMode, Prediction};
+use crate::state::RowPlan;
+use crate::uncertainty::{mc_predict, mean_predict, stats::input_stats, McConfig, McMode, McNoise, Prediction};
 
 pub use meta::{ResolvedTask, Source, TaskKind, TaskMeta, TaskOverrides};
 
@@ -98,6 +99,21 @@ pub struct PredictConfig {
     pub mode: McMode,
     /// Where to sample: every adapted layer, or the layers whose `sample_at_inference` is on.
     pub sampling: Sampling,
+    /// Where the sampling noise comes from.
+    pub noise: Noise,
+}
+
+/// Where a prediction's sampling noise comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Noise {
+    /// Each input's own noise, derived from the seed and the input's position in the call (or
+    /// request): the same answer whatever batch size, row budget, mode or other requests it is
+    /// predicted with. The default of every front end.
+    #[default]
+    PerInput,
+    /// The generators' streams as PEFT draws them (restarted from the seed per batch): with
+    /// [`McMode::Sequential`], PEFT's own samples; otherwise dependent on the batch layout.
+    Generators,
 }
 
 impl Default for PredictConfig {
@@ -109,6 +125,7 @@ impl Default for PredictConfig {
             max_rows: crate::uncertainty::mc::DEFAULT_MAX_ROWS,
             mode: McMode::Batched,
             sampling: Sampling::Always,
+            noise: Noise::PerInput,
         }
     }
 }
@@ -639,8 +656,14 @@ impl Predictor {
     }
 
     /// Predicts a batch of encoded inputs with `adapter`: the mean mode always, Monte Carlo
-    /// statistics when `cfg.samples ≥ 2`.
+    /// statistics when `cfg.samples ≥ 2` (the inputs numbered from 0 for their noise).
     pub fn predict(&mut self, adapter: &str, inputs: &ModelInputs, cfg: &PredictConfig) -> Result<Vec<Prediction>> {
+        self.predict_from(adapter, inputs, cfg, 0)
+    }
+
+    /// [`Predictor::predict`] for inputs numbered from `first` (their position in a longer list or
+    /// a request), which fixes their per-input noise.
+    pub fn predict_from(&mut self, adapter: &str, inputs: &ModelInputs, cfg: &PredictConfig, first: u64) -> Result<Vec<Prediction>> {
         cfg.validate()?;
         self.activate(adapter)?;
         let task = self.adapter(adapter)?;
@@ -652,15 +675,7 @@ impl Predictor {
             let (p, c) = mean_predict(&self.pm, inputs, forward)?;
             return Ok(p.chunks(c).map(|row| Prediction { mean_mode: row.to_vec(), mc: None }).collect());
         }
-        let mc = McConfig {
-            samples: cfg.samples,
-            max_rows: cfg.max_rows,
-            seed: cfg.seed,
-            mode: cfg.mode,
-            sampling: cfg.sampling,
-            with_mean: true,
-        };
-        let out = mc_predict(&self.pm, inputs, &mc, forward)?;
+        let out = mc_predict(&self.pm, inputs, &self.mc_config(cfg, first), forward)?;
         (0..out.inputs)
             .map(|b| {
                 Ok(Prediction {
@@ -671,10 +686,97 @@ impl Predictor {
             .collect()
     }
 
+    fn mc_config(&self, cfg: &PredictConfig, first: u64) -> McConfig {
+        McConfig {
+            samples: cfg.samples,
+            max_rows: cfg.max_rows,
+            seed: cfg.seed,
+            mode: cfg.mode,
+            sampling: cfg.sampling,
+            with_mean: true,
+            noise: match cfg.noise {
+                Noise::PerInput => McNoise::PerInput { first },
+                Noise::Generators => McNoise::Generators,
+            },
+        }
+    }
+
+    /// One forward for a batch whose rows belong to different adapters: `groups[g] = (adapter,
+    /// inputs)`; the rows of every group go through the backbone together (one base GEMM per
+    /// layer, one `x·A` per projection group, each row scaled by its adapter's λ's), then through
+    /// their adapter's head. Returns the predictions per group, in order. Equal to predicting each
+    /// group alone (per-input noise; the mean mode up to float rounding, as merged weights do not
+    /// apply here). Texts of different lengths are padded to the longest.
+    pub fn predict_mixed(&mut self, groups: &[(&str, &ModelInputs)], cfg: &PredictConfig) -> Result<Vec<Vec<Prediction>>> {
+        cfg.validate()?;
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut plan_rows: Vec<Option<String>> = Vec::new();
+        let mut sizes = Vec::with_capacity(groups.len());
+        for (name, inputs) in groups {
+            self.adapter(name)?;
+            let n = crate::uncertainty::McInput::rows(*inputs)?;
+            sizes.push(n);
+            plan_rows.extend(std::iter::repeat_n(Some(name.to_string()), n));
+        }
+        let pad = match self.modality {
+            Modality::Text => self.tokenizer(None)?.pad_id().unwrap_or(0),
+            Modality::Image => 0,
+        };
+        let batch = concat_padded(&groups.iter().map(|g| g.1).collect::<Vec<_>>(), pad)?;
+        let state = self.pm.state().clone();
+        state.set_rows(RowPlan { adapters: Some(Arc::new(plan_rows)), seeds: None })?;
+        let result = (|| -> Result<Vec<Vec<Prediction>>> {
+            let tasks: Vec<&AdapterTask> = groups.iter().map(|(n, _)| self.adapter(n)).collect::<Result<_>>()?;
+            // Each row's logits through its own head (heads differ in width and labels).
+            let forward_groups = |x: &ModelInputs| -> Result<Vec<Tensor>> {
+                let out = self.pm.model().forward(x)?;
+                let total = crate::uncertainty::McInput::rows(x)?;
+                let reps = total / sizes.iter().sum::<usize>();
+                let mut per_group = vec![Vec::new(); groups.len()];
+                let mut at = 0;
+                for _ in 0..reps {
+                    for (gi, &n) in sizes.iter().enumerate() {
+                        let part = slice_outputs(&out, at, n)?;
+                        let mask = x.attention_mask.as_ref().map(|m| m.narrow(0, at, n)).transpose()?;
+                        per_group[gi].push(Self::head_logits(tasks[gi], &part, mask.as_ref())?);
+                        at += n;
+                    }
+                }
+                per_group.into_iter().map(|v| Ok(Tensor::cat(&v, 0)?)).collect()
+            };
+            if cfg.samples < 2 {
+                let st = self.pm.state();
+                let (mode, sampling, grad) = (st.mode(), st.sampling(), st.grad_enabled());
+                st.set_mode(crate::state::Mode::Eval)?;
+                st.set_grad_enabled(false)?;
+                st.set_sampling(Sampling::Never)?;
+                let logits = forward_groups(&batch);
+                st.set_mode(mode)?;
+                st.set_sampling(sampling)?;
+                st.set_grad_enabled(grad)?;
+                return logits?
+                    .iter()
+                    .zip(&sizes)
+                    .map(|(l, &n)| {
+                        let (p, c) = crate::uncertainty::mc::softmax_rows(l, n)?;
+                        Ok(p.chunks(c).map(|row| Prediction { mean_mode: row.to_vec(), mc: None }).collect())
+                    })
+                    .collect();
+            }
+            Err(Error::Request(
+                "a mixed-adapter batch predicts the mean mode (samples 1); Monte Carlo requests run per adapter".into(),
+            ))
+        })();
+        state.set_rows(RowPlan::default())?;
+        result
+    }
+
     /// Predicts `n` inputs in batches of `batch_size`: `make(indices)` encodes the inputs at
-    /// those positions. Each batch restarts the generators from the seed, so a batch's samples
-    /// do not depend on which batches ran before it. `progress(done, n)` is called after each
-    /// batch.
+    /// those positions. With per-input noise an input's samples depend only on the seed and its
+    /// position (not on the batch size); with the generators' streams each batch restarts them
+    /// from the seed. `progress(done, n)` is called after each batch.
     pub fn predict_all(
         &mut self,
         adapter: &str,
@@ -691,9 +793,50 @@ impl Predictor {
         let idx: Vec<usize> = (0..n).collect();
         for chunk in idx.chunks(batch_size) {
             let inputs = make(self, chunk)?;
-            preds.extend(self.predict(adapter, &inputs, cfg)?);
+            preds.extend(self.predict_from(adapter, &inputs, cfg, chunk[0] as u64)?);
             progress(preds.len(), n);
         }
         Ok(preds)
     }
+}
+
+/// Rows `at..at + n` of model outputs.
+fn slice_outputs(out: &ModelOutputs, at: usize, n: usize) -> Result<ModelOutputs> {
+    Ok(ModelOutputs {
+        last_hidden_state: out.last_hidden_state.narrow(0, at, n)?,
+        logits: out.logits.as_ref().map(|t| t.narrow(0, at, n)).transpose()?,
+        pooler_output: out.pooler_output.as_ref().map(|t| t.narrow(0, at, n)).transpose()?,
+    })
+}
+
+/// Stacks batches of model inputs along the batch, padding token sequences to the longest with
+/// `pad` (attention mask 0, token type 0). Images must share a size.
+pub fn concat_padded(parts: &[&ModelInputs], pad: u32) -> Result<ModelInputs> {
+    let width = parts.iter().filter_map(|p| p.input_ids.as_ref().map(|t| t.dims().get(1).copied().unwrap_or(0))).max();
+    let pad_to = |t: &Tensor, value: f64| -> Result<Tensor> {
+        let (b, s) = t.dims2()?;
+        let w = width.unwrap_or(s);
+        if s == w {
+            return Ok(t.clone());
+        }
+        let fill = (Tensor::ones((b, w - s), t.dtype(), t.device())? * value)?;
+        Ok(Tensor::cat(&[t, &fill], 1)?)
+    };
+    let field = |get: &dyn Fn(&ModelInputs) -> Option<&Tensor>, value: f64| -> Result<Option<Tensor>> {
+        let ts: Vec<&Tensor> = parts.iter().filter_map(|p| get(p)).collect();
+        if ts.is_empty() {
+            return Ok(None);
+        }
+        if ts.len() != parts.len() {
+            return Err(Error::Request("the batches to stack do not carry the same inputs".into()));
+        }
+        let padded: Vec<Tensor> = ts.iter().map(|t| if t.rank() == 2 { pad_to(t, value) } else { Ok((*t).clone()) }).collect::<Result<_>>()?;
+        Ok(Some(Tensor::cat(&padded, 0)?))
+    };
+    Ok(ModelInputs {
+        input_ids: field(&|p| p.input_ids.as_ref(), pad as f64)?,
+        attention_mask: field(&|p| p.attention_mask.as_ref(), 0.0)?,
+        token_type_ids: field(&|p| p.token_type_ids.as_ref(), 0.0)?,
+        pixel_values: field(&|p| p.pixel_values.as_ref(), 0.0)?,
+    })
 }

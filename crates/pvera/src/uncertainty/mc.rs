@@ -23,7 +23,8 @@ use candle_core::{DType, Tensor};
 use crate::error::{Error, Result};
 use crate::models::ModelInputs;
 use crate::peft_model::PeftModel;
-use crate::state::{Mode, RunState, Sampling};
+use crate::rng::splitmix64_mix;
+use crate::state::{Mode, RowPlan, RunState, Sampling};
 
 /// How the `S` passes are executed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -33,6 +34,32 @@ pub enum McMode {
     Batched,
     /// One forward per sample, as PEFT's example (PEFT-identical noise for any shapes).
     Sequential,
+}
+
+/// Where the sampling noise comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum McNoise {
+    /// The generators' streams, as PEFT draws them: each layer's own generator (`generator_seed`)
+    /// or the run state's global one, restarted from the seed; the noise of an input then depends
+    /// on the batch around it (its size, the other inputs).
+    #[default]
+    Generators,
+    /// Each input's own noise: sample `j` of input `i` draws from seeds derived from
+    /// `(seed, first + i, j)` ([`input_noise_seed`]), so an input's samples are the same whatever
+    /// batch, chunk size, mode or other requests it is predicted with. `first` is the index of the
+    /// batch's first input in the caller's numbering (e.g. its position in a request).
+    PerInput {
+        /// Index of the batch's first input.
+        first: u64,
+    },
+}
+
+/// The noise seed of sample `sample` of input `input` under [`McNoise::PerInput`] (each sampled
+/// layer mixes it further with its module path and adapter name).
+pub fn input_noise_seed(seed: u64, input: u64, sample: u64) -> u64 {
+    splitmix64_mix(
+        seed ^ splitmix64_mix(input.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ sample.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)),
+    )
 }
 
 /// Settings of a Monte Carlo prediction.
@@ -53,6 +80,8 @@ pub struct McConfig {
     pub sampling: Sampling,
     /// Also run the mean-mode (unsampled) forward and return its probabilities.
     pub with_mean: bool,
+    /// Where the noise comes from (the generators' streams, or each input's own seeds).
+    pub noise: McNoise,
 }
 
 /// Default row budget of one batched Monte Carlo forward: small stacks are as fast as large ones
@@ -72,6 +101,7 @@ impl Default for McConfig {
             mode: McMode::Batched,
             sampling: Sampling::Always,
             with_mean: true,
+            noise: McNoise::Generators,
         }
     }
 }
@@ -83,6 +113,9 @@ impl McConfig {
         }
         if self.max_rows == 0 {
             return Err(Error::config("max_rows", "the row budget must be at least 1"));
+        }
+        if matches!(self.noise, McNoise::PerInput { .. }) && self.seed.is_none() {
+            return Err(Error::config("seed", "per-input noise (McNoise::PerInput) derives every input's noise from the seed; give one"));
         }
         if self.sampling == Sampling::Never {
             return Err(Error::config(
@@ -180,6 +213,13 @@ struct Restore<'a> {
     mode: Mode,
     sampling: Sampling,
     grad: bool,
+    rows: RowPlan,
+}
+
+impl<'a> Restore<'a> {
+    fn new(state: &'a RunState) -> Self {
+        Restore { state, mode: state.mode(), sampling: state.sampling(), grad: state.grad_enabled(), rows: state.rows() }
+    }
 }
 
 impl Drop for Restore<'_> {
@@ -187,11 +227,33 @@ impl Drop for Restore<'_> {
         let _ = self.state.set_mode(self.mode);
         let _ = self.state.set_sampling(self.sampling);
         let _ = self.state.set_grad_enabled(self.grad);
+        let _ = self.state.set_rows(std::mem::take(&mut self.rows));
     }
 }
 
+/// The plan of a chunk of `k` stacked samples (sample-major) starting at sample `from`: the
+/// caller's per-row adapters repeated per sample, and per-input noise seeds when asked.
+fn chunk_plan(base: &RowPlan, cfg: &McConfig, b: usize, from: usize, k: usize) -> Result<RowPlan> {
+    let adapters = match &base.adapters {
+        Some(a) if a.len() != b => {
+            return Err(Error::Model(format!("the row plan names {} adapter(s) for a batch of {b} input(s)", a.len())))
+        }
+        Some(a) => Some(std::sync::Arc::new((0..k).flat_map(|_| a.iter().cloned()).collect::<Vec<_>>())),
+        None => None,
+    };
+    let seeds = match (cfg.noise, cfg.seed) {
+        (McNoise::PerInput { first }, Some(seed)) => Some(std::sync::Arc::new(
+            (0..k)
+                .flat_map(|j| (0..b).map(move |i| input_noise_seed(seed, first + i as u64, (from + j) as u64)))
+                .collect::<Vec<_>>(),
+        )),
+        _ => None,
+    };
+    Ok(RowPlan { adapters, seeds })
+}
+
 /// Row-wise softmax in f64 of `logits (rows, C)` (logits or log-probabilities).
-fn softmax_rows(logits: &Tensor, rows: usize) -> Result<(Vec<f64>, usize)> {
+pub(crate) fn softmax_rows(logits: &Tensor, rows: usize) -> Result<(Vec<f64>, usize)> {
     let dims = logits.dims();
     if dims.len() != 2 || dims[0] != rows {
         return Err(Error::Model(format!(
@@ -234,7 +296,7 @@ where
         }
     }
     let state = model.state();
-    let _restore = Restore { state, mode: state.mode(), sampling: state.sampling(), grad: state.grad_enabled() };
+    let restore = Restore::new(state);
     state.set_mode(Mode::Eval)?;
     // inference only: no autograd graph, so each layer's activations are freed as soon as used
     state.set_grad_enabled(false)?;
@@ -245,6 +307,7 @@ where
 
     let mean_mode = if cfg.with_mean {
         state.set_sampling(Sampling::Never)?;
+        state.set_rows(RowPlan { adapters: restore.rows.adapters.clone(), seeds: None })?;
         Some(softmax_rows(&forward(input)?, b)?)
     } else {
         None
@@ -272,6 +335,7 @@ where
     let mut forwards = 0;
     while done < cfg.samples {
         let k = per.min(cfg.samples - done);
+        state.set_rows(chunk_plan(&restore.rows, cfg, b, done, k)?)?;
         let x = input.repeat_rows(k)?;
         let (p, c) = softmax_rows(&forward(&x)?, k * b)?;
         if *classes.get_or_insert(c) != c {
@@ -300,7 +364,7 @@ where
     F: Fn(&I) -> Result<Tensor>,
 {
     let state = model.state();
-    let _restore = Restore { state, mode: state.mode(), sampling: state.sampling(), grad: state.grad_enabled() };
+    let _restore = Restore::new(state);
     state.set_mode(Mode::Eval)?;
     state.set_grad_enabled(false)?;
     state.set_sampling(Sampling::Never)?;

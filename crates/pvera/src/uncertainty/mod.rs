@@ -43,7 +43,7 @@ pub use conformal::{
     LastLabel, SetSummary,
 };
 pub use evaluation::{evaluate, ood_auroc, Evaluation, McExtra, ModeScores};
-pub use mc::{mc_predict, mean_predict, McConfig, McInput, McMode, McOutput};
+pub use mc::{input_noise_seed, mc_predict, mean_predict, McConfig, McInput, McMode, McNoise, McOutput};
 pub use prediction::Prediction;
 pub use ood::{auroc, OodScores};
 pub use selective::{adaptive_ece, fpr95, selective, AdaptiveCalibration, Selective};

@@ -9,6 +9,7 @@ mod data;
 mod error_catalogue;
 mod fuzz;
 mod lifecycle;
+mod mixed;
 mod models_bert;
 mod models_decoders;
 mod models_vision;

@@ -142,3 +142,91 @@ fn task_metadata_is_read_from_the_adapter_folder_and_gaps_are_named() {
     .unwrap_err();
     assert!(matches!(e, pvera::Error::Request(ref m) if m.contains("3 outputs")), "{e}");
 }
+
+/// A copy of the SEQ_CLS fixture adapter with its λ's scaled (another adapter, same labels).
+fn scaled_adapter(dst: &Path, scale: f64) {
+    let src = fixtures().join("models/bert_seq_cls/adapter");
+    std::fs::create_dir_all(dst).unwrap();
+    std::fs::copy(src.join("adapter_config.json"), dst.join("adapter_config.json")).unwrap();
+    let (ts, _) = read_safetensors(&src.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let out: std::collections::BTreeMap<String, Tensor> = ts
+        .into_iter()
+        .map(|(k, v)| {
+            let t = if k.contains("pvera_lambda") { (v.tensor * scale).unwrap() } else { v.tensor };
+            (k, t)
+        })
+        .collect();
+    let bytes = pvera::checkpoint::serialize_safetensors(&out, Some(pvera::checkpoint::pt_metadata())).unwrap();
+    std::fs::write(dst.join("adapter_model.safetensors"), bytes).unwrap();
+}
+
+fn seq_cls_inputs() -> ModelInputs {
+    let t = io("bert_seq_cls");
+    ModelInputs {
+        input_ids: Some(t["input_ids"].clone()),
+        attention_mask: Some(t["attention_mask"].clone()),
+        token_type_ids: Some(t["token_type_ids"].clone()),
+        pixel_values: None,
+    }
+}
+
+fn rows(x: &ModelInputs, r: &[u32]) -> ModelInputs {
+    let idx = Tensor::new(r, &Device::Cpu).unwrap();
+    let sel = |t: &Option<Tensor>| t.as_ref().map(|t| t.index_select(&idx, 0).unwrap());
+    ModelInputs { input_ids: sel(&x.input_ids), attention_mask: sel(&x.attention_mask), token_type_ids: sel(&x.token_type_ids), pixel_values: None }
+}
+
+/// One forward for requests of two adapters equals predicting each alone (issue 12, part 1).
+#[test]
+fn predict_mixed_equals_each_adapter_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_with_tokenizer("bert_seq_cls", tmp.path());
+    scaled_adapter(&tmp.path().join("y"), 2.5);
+    let mut p = Predictor::open(&model, &PredictorOptions::default()).unwrap();
+    p.add_adapter("x", &fixtures().join("models/bert_seq_cls/adapter"), &TaskOverrides::default()).unwrap();
+    p.add_adapter("y", &tmp.path().join("y"), &TaskOverrides::default()).unwrap();
+    let x = seq_cls_inputs();
+    let (gx, gy) = (rows(&x, &[0, 2]), rows(&x, &[1, 2, 0]));
+    let mean = PredictConfig { samples: 1, ..PredictConfig::default() };
+    let mixed = p.predict_mixed(&[("x", &gx), ("y", &gy)], &mean).unwrap();
+    let alone_x = p.predict("x", &gx, &mean).unwrap();
+    let alone_y = p.predict("y", &gy, &mean).unwrap();
+    for (m, a) in mixed[0].iter().zip(&alone_x).chain(mixed[1].iter().zip(&alone_y)) {
+        for (u, v) in m.mean_mode.iter().zip(&a.mean_mode) {
+            assert!((u - v).abs() < 1e-6, "{:?} vs {:?}", m.mean_mode, a.mean_mode);
+        }
+    }
+    // The two adapters answer differently on the same input (row 2 of x is row 1 of y).
+    let d: f64 = mixed[0][1].mean_mode.iter().zip(&mixed[1][1].mean_mode).map(|(a, b)| (a - b).abs()).sum();
+    assert!(d > 1e-3, "{d}");
+}
+
+/// Per-input noise: an input's Monte Carlo samples do not depend on the batch size, the row
+/// budget or the mode; the seed and the input's position decide them.
+#[test]
+fn per_input_noise_is_independent_of_batching() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_with_tokenizer("bert_seq_cls", tmp.path());
+    let adapter = fixtures().join("models/bert_seq_cls/adapter");
+    let mut p =
+        Predictor::open_with_adapter(&model, &adapter, &PredictorOptions::default(), &TaskOverrides::default()).unwrap();
+    let x = seq_cls_inputs();
+    let cfg = PredictConfig { samples: 6, seed: Some(11), ..PredictConfig::default() };
+    let run = |p: &mut Predictor, batch: usize, cfg: &PredictConfig| {
+        p.predict_all("default", 3, batch, cfg, &mut |_, c| Ok(rows(&x, &c.iter().map(|&i| i as u32).collect::<Vec<_>>())), &mut |_, _| {})
+            .unwrap()
+    };
+    let a = run(&mut p, 3, &cfg);
+    let b = run(&mut p, 1, &cfg);
+    let c = run(&mut p, 2, &PredictConfig { max_rows: 1, mode: pvera::uncertainty::McMode::Sequential, ..cfg.clone() });
+    for ((u, v), w) in a.iter().zip(&b).zip(&c) {
+        let (u, v, w) = (u.mc.as_ref().unwrap(), v.mc.as_ref().unwrap(), w.mc.as_ref().unwrap());
+        for k in 0..u.mean_probs.len() {
+            let (d1, d2) = ((u.mean_probs[k] - v.mean_probs[k]).abs(), (u.mean_probs[k] - w.mean_probs[k]).abs());
+            assert!(d1 < 1e-6 && d2 < 1e-6, "batch 3 vs 1: {d1}, vs sequential: {d2}");
+        }
+        assert!(u.variance > 0.0, "the samples must differ from each other");
+    }
+    let other = run(&mut p, 3, &PredictConfig { seed: Some(12), ..cfg.clone() });
+    assert_ne!(other[0].mc.as_ref().unwrap().mean_probs, a[0].mc.as_ref().unwrap().mean_probs);
+}
