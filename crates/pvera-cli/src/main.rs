@@ -27,6 +27,7 @@ mod infer;
 mod inspect;
 mod out;
 mod predict;
+mod progress;
 mod train;
 
 use std::process::ExitCode;
@@ -78,10 +79,10 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<infer::InputError>().is_some() {
             return 7;
         }
-        if cause.downcast_ref::<train::Diverged>().is_some() {
+        if cause.downcast_ref::<progress::Diverged>().is_some() {
             return 8;
         }
-        if cause.downcast_ref::<train::Interrupted>().is_some() {
+        if cause.downcast_ref::<progress::Interrupted>().is_some() {
             return 130;
         }
         if cause.downcast_ref::<common::UsageError>().is_some() {

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use pvera::models::heads::Pooling;
-use pvera::predictor::inputs::{batch_labels, image_files, labelled_data, subset, text_file, InputSet};
+use pvera::predictor::inputs::{image_files, labelled_data, subset, text_file, InputSet};
 use pvera::predictor::meta::{data_fingerprint, read_labels, SplitRecord};
 use pvera::predictor::{Modality, Noise, PredictConfig, PredictorOptions, TaskOverrides};
 use pvera::state::Sampling;
@@ -390,36 +390,18 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
     out.probe_writable()?;
 
     let started = Instant::now();
-    let mut labels = vec![0usize; idx.len()];
-    let t0 = Instant::now();
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let preds = p
-        .predict_all(
-            ADAPTER,
-            idx.len(),
-            args.common.batch_size,
-            &cfg,
-            &mut |_, c| {
-                let b = data.get_batch(&c.iter().map(|&i| idx[i]).collect::<Vec<_>>())?;
-                for (k, y) in batch_labels(&b.labels)?.into_iter().enumerate() {
-                    labels[c[k]] = y;
-                }
-                Ok(b.inputs)
-            },
-            &mut |done, n| {
-                if tty {
-                    crate::out::eprint(&format!("\reval: {done}/{n} ({:.1}s)", t0.elapsed().as_secs_f64()));
-                }
-            },
-        )
+    let (preds, labels) = p
+        .predict_examples(ADAPTER, data.as_ref(), &idx, args.common.batch_size, &cfg, &mut |done, n| {
+            if tty {
+                crate::out::eprint(&format!("\reval: {done}/{n} ({:.1}s)", started.elapsed().as_secs_f64()));
+            }
+        })
         .map_err(request_error)?;
     if tty {
         crate::out::eprint("\n");
     }
     let task = p.adapter(ADAPTER)?.task.clone();
-    if let Some(&bad) = labels.iter().find(|&&y| y >= task.labels.len()) {
-        usage!("--data {}: label id {bad} but the adapter has {} classes", args.data.display(), task.labels.len());
-    }
     let ev = evaluate(&preds, &labels, args.bins)?;
     let mut ood = Vec::new();
     for (spec, set) in &oods {

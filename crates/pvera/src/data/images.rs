@@ -363,6 +363,31 @@ fn resample_vertical(src: &[u8], row_len: usize, k: &Coeffs, out_h: usize) -> Ve
     out
 }
 
+/// Checks that every image file is a readable PNG / JPEG (its header decodes: a zero-byte or
+/// truncated file is named here, before any training or prediction).
+pub fn check_image_files(files: &[PathBuf]) -> Result<()> {
+    for f in files {
+        let meta = std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+        if meta.len() == 0 {
+            return Err(Error::Data(format!("{}: an empty (zero-byte) file, not an image; replace or remove it", f.display())));
+        }
+        let reader = image::ImageReader::open(f)
+            .map_err(|e| Error::io(f, e))?
+            .with_guessed_format()
+            .map_err(|e| Error::io(f, e))?;
+        if reader.format().is_none() {
+            return Err(Error::Data(format!(
+                "{}: not a PNG or JPEG image (unrecognised content); convert it or remove it",
+                f.display()
+            )));
+        }
+        reader.into_dimensions().map_err(|e| {
+            Error::Data(format!("{}: cannot read the image header: {e}; the file is corrupt or truncated: replace or remove it", f.display()))
+        })?;
+    }
+    Ok(())
+}
+
 /// Decodes a PNG or JPEG file (format sniffed from the content) to grey or RGB 8-bit pixels.
 /// Errors name the file and carry the decoder's message.
 pub fn decode_image_file(path: &Path) -> Result<RawImage> {

@@ -29,6 +29,7 @@ use crate::models::ModelInputs;
 
 pub mod idx;
 pub mod images;
+pub mod labelled;
 pub mod split;
 pub mod text;
 

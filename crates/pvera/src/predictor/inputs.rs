@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::DType;
 
 use super::{Modality, Predictor};
+pub use crate::data::images::check_image_files;
 use crate::data::images::{decode_image_file, RawImage};
 use crate::data::text::{read_records, Columns, LabelMap, TextClassification};
 use crate::data::{open_image_classification, Dataset};
@@ -40,31 +40,6 @@ pub fn images_under(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
-}
-
-/// Checks that every image file is a readable PNG / JPEG (its header decodes: a zero-byte or
-/// truncated file is named here, before any training or prediction).
-pub fn check_image_files(files: &[PathBuf]) -> Result<()> {
-    for f in files {
-        let meta = std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
-        if meta.len() == 0 {
-            return Err(Error::Data(format!("{}: an empty (zero-byte) file, not an image; replace or remove it", f.display())));
-        }
-        let reader = image::ImageReader::open(f)
-            .map_err(|e| Error::io(f, e))?
-            .with_guessed_format()
-            .map_err(|e| Error::io(f, e))?;
-        if reader.format().is_none() {
-            return Err(Error::Data(format!(
-                "{}: not a PNG or JPEG image (unrecognised content); convert it or remove it",
-                f.display()
-            )));
-        }
-        reader.into_dimensions().map_err(|e| {
-            Error::Data(format!("{}: cannot read the image header: {e}; the file is corrupt or truncated: replace or remove it", f.display()))
-        })?;
-    }
-    Ok(())
 }
 
 /// Image inputs given as files and folders (folders searched recursively), checked.
@@ -311,9 +286,4 @@ pub fn labelled_data(p: &Predictor, adapter: &str, data: &Path) -> Result<Arc<dy
             Ok(d)
         }
     }
-}
-
-/// Class ids of a batch's labels.
-pub fn batch_labels(labels: &candle_core::Tensor) -> Result<Vec<usize>> {
-    Ok(labels.to_dtype(DType::U32)?.to_vec1::<u32>()?.into_iter().map(|y| y as usize).collect())
 }

@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::{self, HeadTensors};
 use crate::data::images::{ImagePreprocess, RawImage};
-use crate::data::text::{TextTokenizer, TokenizeOptions};
+use crate::data::text::TextTokenizer;
 use crate::error::{Error, Result};
 use crate::models::heads::Pooling;
 use crate::models::loader::{resolve_model_dir, ModelDir};
@@ -254,14 +254,9 @@ impl Predictor {
             }
             Modality::Image => (None, Some(ImagePreprocess::for_model_dir(&path)?)),
         };
-        let max_positions = match dir.model_type.as_str() {
-            "bert" => dir.config.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize),
-            // RoBERTa's positions start after the padding index.
-            "roberta" => dir.config.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| {
-                let pad = dir.config.get("pad_token_id").and_then(|p| p.as_u64()).unwrap_or(1) as usize;
-                (v as usize).saturating_sub(pad + 1)
-            }),
-            _ => None,
+        let max_positions = match modality {
+            Modality::Text => crate::data::labelled::max_positions(&dir),
+            Modality::Image => None,
         };
         let state = Arc::new(RunState::new(opts.seed));
         let (model, registry, info) = AnyModel::load(&dir, opts.dtype, &opts.device, state)?;
@@ -544,24 +539,16 @@ impl Predictor {
         Ok(())
     }
 
-    /// The tokenizer truncating to `max_length` (loaded once per length).
+    /// The tokenizer truncating to `max_length` (loaded once per length; its own length, capped at
+    /// the model's positions, when `None`).
     fn tokenizer(&self, max_length: Option<usize>) -> Result<Arc<TextTokenizer>> {
-        if let Some(t) = self.tokenizers.read().map_err(|_| Error::Model("tokenizer cache poisoned".into()))?.get(&max_length) {
+        let poisoned = || Error::Model("tokenizer cache poisoned".into());
+        if let Some(t) = self.tokenizers.read().map_err(|_| poisoned())?.get(&max_length) {
             return Ok(t.clone());
         }
-        let path = self.tokenizer_path.as_ref().ok_or_else(|| Error::Request("this model reads images, not texts".into()))?;
-        let opts = TokenizeOptions { max_length, ..TokenizeOptions::default() };
-        let tok = Arc::new(TextTokenizer::from_file(path, &opts)?);
-        if let Some(max) = self.max_positions {
-            if tok.max_length() > max {
-                // The tokenizer's own length exceeds the model: cap it (what the model can read).
-                let opts = TokenizeOptions { max_length: Some(max), ..TokenizeOptions::default() };
-                let capped = Arc::new(TextTokenizer::from_file(path, &opts)?);
-                self.tokenizers.write().map_err(|_| Error::Model("tokenizer cache poisoned".into()))?.insert(max_length, capped.clone());
-                return Ok(capped);
-            }
-        }
-        self.tokenizers.write().map_err(|_| Error::Model("tokenizer cache poisoned".into()))?.insert(max_length, tok.clone());
+        let path = self.tokenizer_path.as_deref().ok_or_else(|| Error::Request("this model reads images, not texts".into()))?;
+        let tok = Arc::new(crate::data::labelled::model_tokenizer(&self.dir, Some(path), max_length, None)?);
+        self.tokenizers.write().map_err(|_| poisoned())?.insert(max_length, tok.clone());
         Ok(tok)
     }
 
@@ -839,4 +826,41 @@ pub fn concat_padded(parts: &[&ModelInputs], pad: u32) -> Result<ModelInputs> {
         token_type_ids: field(&|p| p.token_type_ids.as_ref(), 0.0)?,
         pixel_values: field(&|p| p.pixel_values.as_ref(), 0.0)?,
     })
+}
+
+impl Predictor {
+    /// Predicts examples `idx` of a labelled data set (encoded by the data set itself, e.g. with
+    /// the tokenizer the adapter was trained with) in batches, returning the predictions and the
+    /// examples' class ids. What `pvera eval` and `pvera train`'s held-out evaluation run.
+    pub fn predict_examples(
+        &mut self,
+        adapter: &str,
+        data: &dyn crate::data::Dataset,
+        idx: &[usize],
+        batch_size: usize,
+        cfg: &PredictConfig,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Vec<Prediction>, Vec<usize>)> {
+        let mut labels = vec![0usize; idx.len()];
+        let preds = self.predict_all(
+            adapter,
+            idx.len(),
+            batch_size,
+            cfg,
+            &mut |_, chunk| {
+                let b = data.get_batch(&chunk.iter().map(|&i| idx[i]).collect::<Vec<_>>())?;
+                let ys = b.labels.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                for (k, y) in ys.into_iter().enumerate() {
+                    labels[chunk[k]] = y as usize;
+                }
+                Ok(b.inputs)
+            },
+            progress,
+        )?;
+        let classes = self.adapter(adapter)?.labels().len();
+        if let Some(&bad) = labels.iter().find(|&&y| y >= classes) {
+            return Err(Error::Data(format!("the data has label id {bad} but the adapter has {classes} classes")));
+        }
+        Ok((preds, labels))
+    }
 }

@@ -19,7 +19,7 @@ pub mod schedule;
 pub mod split_data;
 pub mod trainer;
 
-pub use objectives::{causal_lm_loss, classification_loss, CausalLmObjective, ClassificationObjective};
+pub use objectives::{causal_lm_eval, causal_lm_loss, classification_loss, CausalLmObjective, ClassificationObjective};
 pub use optim::{AdamW, AdamWConfig, GradAccumulator, Gradients};
 pub use schedule::{Schedule, ScheduleKind, Warmup};
 pub use split_data::SplitData;

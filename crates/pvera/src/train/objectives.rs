@@ -135,3 +135,35 @@ mod tests {
         assert!((loss.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-5);
     }
 }
+
+/// The mean next-token loss of a causal-LM model over a whole data set (token-weighted), in eval
+/// mode without gradients: `(loss, tokens)`; perplexity is `loss.exp()`.
+pub fn causal_lm_eval(
+    model: &crate::PeftModel<crate::models::AnyModel>,
+    data: &dyn crate::data::Dataset,
+    batch_size: usize,
+) -> Result<(f64, usize)> {
+    model.eval()?;
+    let state = model.state();
+    let grad = state.grad_enabled();
+    state.set_grad_enabled(false)?;
+    let run = || -> Result<(f64, usize)> {
+        let (mut sum, mut tokens) = (0.0f64, 0usize);
+        let idx: Vec<usize> = (0..data.len()).collect();
+        for chunk in idx.chunks(batch_size.max(1)) {
+            let b = data.get_batch(chunk)?;
+            let out = model.model().forward(&b.inputs)?;
+            let logits = out
+                .logits
+                .as_ref()
+                .ok_or_else(|| crate::Error::Model("the model returned no logits (not a causal-LM head)".into()))?;
+            let (loss, k) = causal_lm_loss(logits, &b.labels, b.inputs.attention_mask.as_ref())?;
+            sum += loss.to_scalar::<f32>()? as f64 * k as f64;
+            tokens += k;
+        }
+        Ok((sum / tokens.max(1) as f64, tokens))
+    };
+    let r = run();
+    state.set_grad_enabled(grad)?;
+    r
+}
