@@ -35,5 +35,6 @@ start=$(date +%s)
   --batch-size "$BATCH" --epochs "$EPOCHS" --lr "$LR" --weight-decay 0.01 \
   --seed 0 --threads "$THREADS" \
   --eval-held-out "$EVAL" --show-predictions 6 \
+  --overwrite \
   "$@"
 echo "main job: training + evaluation took $(( $(date +%s) - start ))s; results in $OUT"
