@@ -1,0 +1,128 @@
+//! Encoded rows and the packed mean-mode forward.
+//!
+//! [`mean_forward`] is the one place that decides how rows of concurrent requests share forwards.
+//! Today rows are grouped by adapter (one adapter is active per forward) and each group is cut
+//! into forwards of at most the row budget. When the library gains a mixed-adapter forward, this
+//! function becomes one call per row-budget chunk over all blocks; its callers do not change.
+
+use candle_core::Tensor;
+use pvera::models::ModelInputs;
+use pvera::predictor::PredictConfig;
+use pvera::uncertainty::Prediction;
+use pvera::Predictor;
+
+use crate::error::ApiError;
+
+/// The inputs of one request, encoded for its adapter.
+#[derive(Clone, Debug)]
+pub enum Rows {
+    /// Token ids and type ids per text (special tokens included, not padded).
+    Tokens(Vec<(Vec<u32>, Vec<u32>)>),
+    /// Preprocessed images `(n, channels, height, width)`.
+    Pixels(Tensor),
+}
+
+impl Rows {
+    /// Number of inputs.
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::Tokens(t) => t.len(),
+            Rows::Pixels(p) => p.dims().first().copied().unwrap_or(0),
+        }
+    }
+
+    /// True without inputs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Model inputs of the rows `picks` (block index, row index) of `blocks`, all encoded for
+/// `adapter`: texts padded to the longest, images stacked.
+pub fn gather(p: &Predictor, adapter: &str, blocks: &[&Rows], picks: &[(usize, usize)]) -> pvera::Result<ModelInputs> {
+    match blocks.first() {
+        Some(Rows::Tokens(_)) => {
+            let mut seqs: Vec<(&[u32], &[u32])> = Vec::with_capacity(picks.len());
+            for &(b, r) in picks {
+                match blocks[b] {
+                    Rows::Tokens(t) => seqs.push((t[r].0.as_slice(), t[r].1.as_slice())),
+                    Rows::Pixels(_) => return Err(pvera::Error::Request("texts and images in one batch".into())),
+                }
+            }
+            p.text_tokenizer(adapter)?.pad_batch(&seqs, p.device())
+        }
+        Some(Rows::Pixels(_)) => {
+            let mut ts = Vec::with_capacity(picks.len());
+            for &(b, r) in picks {
+                match blocks[b] {
+                    Rows::Pixels(t) => ts.push(t.narrow(0, r, 1)?),
+                    Rows::Tokens(_) => return Err(pvera::Error::Request("texts and images in one batch".into())),
+                }
+            }
+            Ok(ModelInputs { pixel_values: Some(Tensor::cat(&ts, 0)?), ..Default::default() })
+        }
+        None => Err(pvera::Error::Request("no inputs".into())),
+    }
+}
+
+/// One request's rows in a packed forward.
+#[derive(Clone, Copy, Debug)]
+pub struct Block<'a> {
+    /// The adapter the rows are predicted with.
+    pub adapter: &'a str,
+    /// The rows, encoded for that adapter.
+    pub rows: &'a Rows,
+}
+
+/// Mean-mode predictions of every block's rows, packed into forwards of at most `budget` rows.
+/// Returns one result per block, in order; a failed forward fails the blocks it carried.
+/// `on_forward(rows)` is called after each forward (metrics).
+pub fn mean_forward(
+    p: &mut Predictor,
+    blocks: &[Block<'_>],
+    budget: usize,
+    on_forward: &mut dyn FnMut(usize),
+) -> Vec<Result<Vec<Prediction>, ApiError>> {
+    let mut out: Vec<Result<Vec<Option<Prediction>>, ApiError>> =
+        blocks.iter().map(|b| Ok(vec![None; b.rows.len()])).collect();
+    let cfg = PredictConfig { samples: 1, seed: None, ..PredictConfig::default() };
+    // Adapters in order of first appearance, so the oldest request's group runs first.
+    let mut adapters: Vec<&str> = Vec::new();
+    for b in blocks {
+        if !adapters.contains(&b.adapter) {
+            adapters.push(b.adapter);
+        }
+    }
+    for adapter in adapters {
+        let members: Vec<usize> = (0..blocks.len()).filter(|&i| blocks[i].adapter == adapter).collect();
+        let rows: Vec<&Rows> = members.iter().map(|&i| blocks[i].rows).collect();
+        let picks: Vec<(usize, usize)> =
+            rows.iter().enumerate().flat_map(|(k, r)| (0..r.len()).map(move |j| (k, j))).collect();
+        for chunk in picks.chunks(budget.max(1)) {
+            let result = gather(p, adapter, &rows, chunk).and_then(|x| p.predict(adapter, &x, &cfg));
+            on_forward(chunk.len());
+            match result {
+                Ok(preds) => {
+                    for (&(k, j), pred) in chunk.iter().zip(preds) {
+                        if let Ok(v) = &mut out[members[k]] {
+                            v[j] = Some(pred);
+                        }
+                    }
+                }
+                Err(e) => {
+                    let e = ApiError::from_pvera(e);
+                    for &(k, _) in chunk {
+                        out[members[k]] = Err(e.clone());
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|r| {
+            r.and_then(|v| {
+                v.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| ApiError::backend("a row got no prediction"))
+            })
+        })
+        .collect()
+}
