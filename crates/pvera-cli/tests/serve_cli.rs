@@ -113,6 +113,10 @@ fn serve_answers_like_predict_and_stops_on_sigterm() {
     let cli4 = predict_json(&t, &best, &TEXTS[..3], &["--samples", "5", "--seed", "9", "--confidence", "0.8"]);
     let srv4 = classify(&srv.url, &json!({"inputs": &TEXTS[..3], "samples": 5, "seed": 9, "confidence": 0.8}));
     assert_eq!(srv4["predictions"], cli4["predictions"]);
+    // PEFT's sequential loop, one forward per sample
+    let cli_seq = predict_json(&t, &best, &TEXTS[..3], &["--samples", "4", "--seed", "2", "--sequential"]);
+    let srv_seq = classify(&srv.url, &json!({"inputs": &TEXTS[..3], "samples": 4, "seed": 2, "sequential": true}));
+    assert_eq!(srv_seq["predictions"], cli_seq["predictions"]);
 
     // mean mode: the same batch as the CLI's first one gives the same bits
     let mean8 = classify(&srv.url, &json!({"inputs": &TEXTS[..8]}));

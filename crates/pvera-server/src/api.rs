@@ -77,6 +77,10 @@ pub struct ClassifyRequest {
     /// Cut texts longer than the adapter's maximum length instead of refusing them (413).
     #[serde(default)]
     pub truncate: bool,
+    /// Run the samples one forward each, as PEFT's example loop does (PEFT's exact noise for any
+    /// shapes; `pvera predict --sequential`).
+    #[serde(default)]
+    pub sequential: bool,
 }
 
 /// `POST /predict` (text-embeddings-inference's request, plus `adapter`).

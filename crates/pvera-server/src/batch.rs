@@ -4,6 +4,14 @@
 //! Today rows are grouped by adapter (one adapter is active per forward) and each group is cut
 //! into forwards of at most the row budget. When the library gains a mixed-adapter forward, this
 //! function becomes one call per row-budget chunk over all blocks; its callers do not change.
+//!
+//! Merged weights ([`MergeCache`]): the library keeps one merged `W + ΔW` per layer, for the
+//! adapter that ran last with auto-merge on. Rebuilding it for another adapter costs about as
+//! much as the unmerged path's extra `x·A` and `B·z` over `hidden / 2` tokens (per layer: `r·h²`
+//! multiply-adds to rebuild against about `2·r·h` per token unmerged), so a forward of another
+//! adapter runs unmerged unless it is at least that long. One adapter under load keeps its merged
+//! weights; many adapters do not rebuild them on every switch. Both paths agree within float
+//! rounding (the library's tests hold them to 1e-6).
 
 use candle_core::Tensor;
 use pvera::models::ModelInputs;
@@ -65,6 +73,52 @@ pub fn gather(p: &Predictor, adapter: &str, blocks: &[&Rows], picks: &[(usize, u
     }
 }
 
+/// Which adapter the library's merged weights belong to, and when rebuilding them pays.
+#[derive(Clone, Debug)]
+pub struct MergeCache {
+    holder: Option<String>,
+    rebuild_tokens: usize,
+}
+
+impl MergeCache {
+    /// For a model of width `hidden`.
+    pub fn new(hidden: usize) -> Self {
+        MergeCache { holder: None, rebuild_tokens: (hidden / 2).max(1) }
+    }
+
+    /// Sets auto-merge for a mean-mode forward of `tokens` token rows with `adapter`.
+    pub fn mean_forward(&mut self, p: &Predictor, adapter: &str, tokens: usize) -> pvera::Result<()> {
+        let merged = self.holder.as_deref() == Some(adapter) || tokens >= self.rebuild_tokens;
+        self.set(p, adapter, merged)
+    }
+
+    /// Sets auto-merge on (what `pvera predict` runs) for a request that must equal the CLI's
+    /// answer bit for bit.
+    pub fn exact(&mut self, p: &Predictor, adapter: &str) -> pvera::Result<()> {
+        self.set(p, adapter, true)
+    }
+
+    fn set(&mut self, p: &Predictor, adapter: &str, merged: bool) -> pvera::Result<()> {
+        p.peft_model().state().set_auto_merge(merged)?;
+        if merged {
+            self.holder = Some(adapter.to_string());
+        }
+        Ok(())
+    }
+}
+
+/// Token rows of the picked inputs: summed text lengths, or a count that always pays a rebuild for
+/// images (hundreds of patch tokens each).
+fn tokens(blocks: &[&Rows], picks: &[(usize, usize)]) -> usize {
+    picks
+        .iter()
+        .map(|&(b, r)| match blocks[b] {
+            Rows::Tokens(t) => t[r].0.len(),
+            Rows::Pixels(_) => usize::MAX / picks.len().max(1),
+        })
+        .sum()
+}
+
 /// One request's rows in a packed forward.
 #[derive(Clone, Copy, Debug)]
 pub struct Block<'a> {
@@ -81,6 +135,7 @@ pub fn mean_forward(
     p: &mut Predictor,
     blocks: &[Block<'_>],
     budget: usize,
+    merge: &mut MergeCache,
     on_forward: &mut dyn FnMut(usize),
 ) -> Vec<Result<Vec<Prediction>, ApiError>> {
     let mut out: Vec<Result<Vec<Option<Prediction>>, ApiError>> =
@@ -99,7 +154,10 @@ pub fn mean_forward(
         let picks: Vec<(usize, usize)> =
             rows.iter().enumerate().flat_map(|(k, r)| (0..r.len()).map(move |j| (k, j))).collect();
         for chunk in picks.chunks(budget.max(1)) {
-            let result = gather(p, adapter, &rows, chunk).and_then(|x| p.predict(adapter, &x, &cfg));
+            let result = merge
+                .mean_forward(p, adapter, tokens(&rows, chunk))
+                .and_then(|_| gather(p, adapter, &rows, chunk))
+                .and_then(|x| p.predict(adapter, &x, &cfg));
             on_forward(chunk.len());
             match result {
                 Ok(preds) => {

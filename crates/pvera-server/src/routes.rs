@@ -318,7 +318,8 @@ async fn classify_inner(
     s.check_count(inputs.len())?;
     let names: Option<Vec<String>> = (s.model.modality == "text").then(|| inputs.clone());
     let job_inputs = s.job_inputs(inputs).await?;
-    let out = s.infer(adapter.clone(), job_inputs, InferKind::Classify { samples, seed, confidence }, req.truncate).await?;
+    let kind = InferKind::Classify { samples, seed, confidence, sequential: req.sequential };
+    let out = s.infer(adapter.clone(), job_inputs, kind, req.truncate).await?;
     let InferOut::Classify { labels, predictions } = out else {
         return Err(ApiError::backend("the worker answered with embeddings"));
     };
@@ -356,7 +357,7 @@ async fn predict_inner(
     let (inputs, single) = api::tei_predict_inputs(&req.inputs)?;
     s.check_count(inputs.len())?;
     let job_inputs = s.job_inputs(inputs).await?;
-    let kind = InferKind::Classify { samples: 1, seed: 0, confidence: 0.95 };
+    let kind = InferKind::Classify { samples: 1, seed: 0, confidence: 0.95, sequential: false };
     let out = s.infer(adapter, job_inputs, kind, req.truncate.unwrap_or(false)).await?;
     let InferOut::Classify { labels, predictions } = out else {
         return Err(ApiError::backend("the worker answered with embeddings"));
@@ -485,13 +486,16 @@ async fn load_inner(
 }
 
 async fn unload_adapter(State(s): State<AppState>, name: Result<Path<String>, PathRejection>) -> Response {
-    let r = async {
-        let Path(name) = name.map_err(|e| ApiError::invalid(format!("adapter name in the path: {e}")))?;
-        let _permit = s.permit()?;
-        let n = name.clone();
-        s.submit(|reply| Job::Unload { name: n, reply }).await?;
-        Ok::<_, ApiError>(Json(json!({"removed": name})).into_response())
-    }
-    .await;
-    labelled(None, r)
+    let mut label = None;
+    let r = unload_inner(&s, name, &mut label).await;
+    labelled(label, r)
+}
+
+async fn unload_inner(s: &Shared, name: Result<Path<String>, PathRejection>, label: &mut Option<String>) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(|e| ApiError::invalid(format!("adapter name in the path: {e}")))?;
+    let _permit = s.permit()?;
+    let n = name.clone();
+    s.submit(|reply| Job::Unload { name: n, reply }).await?;
+    *label = Some(name.clone());
+    Ok(Json(json!({"removed": name})).into_response())
 }

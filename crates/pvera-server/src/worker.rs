@@ -21,12 +21,12 @@ use std::time::Instant;
 use pvera::config::TargetModules;
 use pvera::data::images::RawImage;
 use pvera::predictor::{Embeddings, Modality, PredictConfig, PredictorOptions, TaskOverrides};
-use pvera::uncertainty::Prediction;
+use pvera::uncertainty::{McMode, Prediction};
 use pvera::Predictor;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::batch::{gather, mean_forward, Block, Rows};
+use crate::batch::{gather, mean_forward, Block, MergeCache, Rows};
 use crate::error::{ApiError, ServerError};
 use crate::metrics::Metrics;
 use crate::Limits;
@@ -68,6 +68,8 @@ pub enum InferKind {
         seed: u64,
         /// Interval level.
         confidence: f64,
+        /// One forward per sample (PEFT's loop) instead of stacked samples.
+        sequential: bool,
     },
     /// Pooled embeddings.
     Embed {
@@ -213,6 +215,9 @@ struct Worker {
     catalog: Arc<RwLock<Catalog>>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    merge: MergeCache,
+    /// Projection group numbers by the address of the shared projections.
+    groups: Vec<usize>,
 }
 
 /// Marks the worker dead when its thread ends, also by a panic outside the per-job guard.
@@ -266,8 +271,7 @@ fn target_modules_json(t: &Option<TargetModules>) -> serde_json::Value {
     match t {
         Some(TargetModules::List(v)) => serde_json::json!(v),
         Some(TargetModules::Regex(r)) => serde_json::json!(r),
-        #[allow(unreachable_patterns)]
-        Some(other) => serde_json::json!(format!("{other:?}")),
+        Some(TargetModules::AllLinear) => serde_json::json!("all-linear"),
         None => serde_json::Value::Null,
     }
 }
@@ -285,7 +289,8 @@ impl Worker {
             },
             max_positions: p.max_positions(),
         };
-        let mut w = Worker { p, catalog, metrics, limits: setup.limits };
+        let hidden = p.model_dir().usize_field("hidden_size")?;
+        let mut w = Worker { p, catalog, metrics, limits: setup.limits, merge: MergeCache::new(hidden), groups: Vec::new() };
         for (name, dir) in &setup.adapters {
             w.load(name, dir).map_err(|e| match e {
                 LoadError::Pvera(e) => ServerError::Pvera(e),
@@ -345,7 +350,7 @@ impl Worker {
         for w in self.p.take_warnings() {
             tracing::warn!("adapter {name}: {w}");
         }
-        self.refresh(Some(name));
+        self.refresh(name, true);
         tracing::info!("loaded adapter {name} from {} in {:.1} ms", dir.display(), t0.elapsed().as_secs_f64() * 1e3);
         self.catalog
             .read()
@@ -359,55 +364,55 @@ impl Worker {
             return Err(ApiError::not_found(format!("no adapter {name:?} is loaded; GET /adapters lists them")));
         }
         self.p.remove_adapter(name).map_err(ApiError::from_pvera)?;
-        self.refresh(None);
+        self.refresh(name, false);
         Ok(())
     }
 
-    /// Rebuilds the catalog from the predictor (`added`: appended to the load order).
-    fn refresh(&mut self, added: Option<&str>) {
-        let Ok(mut cat) = self.catalog.write() else { return };
-        let mut order: Vec<String> = cat.order.iter().filter(|n| self.p.adapters().contains_key(*n)).cloned().collect();
-        if let Some(a) = added {
-            order.push(a.to_string());
-        }
-        let mut groups: Vec<usize> = Vec::new();
-        let mut adapters = BTreeMap::new();
-        for name in &order {
-            let (Some(task), Ok(info)) = (self.p.adapters().get(name), self.p.peft_model().adapter(name)) else { continue };
-            let ptr = Arc::as_ptr(&info.projections) as usize;
-            let group = match groups.iter().position(|&g| g == ptr) {
-                Some(i) => i,
-                None => {
-                    groups.push(ptr);
-                    groups.len() - 1
-                }
-            };
-            let max_length = match self.p.modality() {
-                Modality::Text => self.p.max_length(name).ok(),
-                Modality::Image => None,
-            };
-            adapters.insert(
-                name.clone(),
-                AdapterEntry {
-                    name: name.clone(),
-                    path: task.dir.display().to_string(),
-                    labels: task.labels().to_vec(),
-                    pooling: task.task.pooling.name(),
-                    max_length,
-                    r: info.projections.r(),
-                    target_modules: target_modules_json(&info.config.target_modules),
-                    adapted_layers: info.targets.len(),
-                    projection_group: group,
-                    head: task.head.origin,
-                },
-            );
-        }
-        let default = match &cat.default {
-            Some(d) if adapters.contains_key(d) => Some(d.clone()),
-            _ => order.first().cloned(),
+    /// The catalog entry of a loaded adapter.
+    fn entry(&mut self, name: &str) -> Option<AdapterEntry> {
+        let (task, info) = (self.p.adapters().get(name)?, self.p.peft_model().adapter(name).ok()?);
+        // Adapters whose projections were found identical share one `Arc` (PeftModel keeps one copy).
+        let ptr = Arc::as_ptr(&info.projections) as usize;
+        let group = match self.groups.iter().position(|&g| g == ptr) {
+            Some(i) => i,
+            None => {
+                self.groups.push(ptr);
+                self.groups.len() - 1
+            }
         };
-        self.metrics.adapters.store(adapters.len() as u64, Ordering::Relaxed);
-        *cat = Catalog { adapters, order, default };
+        let max_length = match self.p.modality() {
+            Modality::Text => self.p.max_length(name).ok(),
+            Modality::Image => None,
+        };
+        Some(AdapterEntry {
+            name: name.to_string(),
+            path: task.dir.display().to_string(),
+            labels: task.labels().to_vec(),
+            pooling: task.task.pooling.name(),
+            max_length,
+            r: info.projections.r(),
+            target_modules: target_modules_json(&info.config.target_modules),
+            adapted_layers: info.targets.len(),
+            projection_group: group,
+            head: task.head.origin,
+        })
+    }
+
+    /// Updates the catalog after `name` was loaded (`added`) or removed; O(1) in the number of
+    /// adapters, so a hot-load stays fast with a thousand loaded.
+    fn refresh(&mut self, name: &str, added: bool) {
+        let entry = if added { self.entry(name) } else { None };
+        let Ok(mut cat) = self.catalog.write() else { return };
+        cat.order.retain(|n| n != name);
+        cat.adapters.remove(name);
+        if let Some(e) = entry {
+            cat.order.push(name.to_string());
+            cat.adapters.insert(name.to_string(), e);
+        }
+        if cat.default.as_ref().is_none_or(|d| !cat.adapters.contains_key(d)) {
+            cat.default = cat.order.first().cloned();
+        }
+        self.metrics.adapters.store(cat.adapters.len() as u64, Ordering::Relaxed);
     }
 
     /// Answers a run of inference jobs (no adapter change among them).
@@ -435,7 +440,7 @@ impl Worker {
             let budget = self.limits.max_batch_rows;
             let metrics = self.metrics.clone();
             let results = guarded(|| {
-                Ok(mean_forward(&mut self.p, &blocks, budget, &mut |rows| metrics.forward(rows)))
+                Ok(mean_forward(&mut self.p, &blocks, budget, &mut self.merge, &mut |rows| metrics.forward(rows)))
             });
             drop(blocks);
             match results {
@@ -503,13 +508,16 @@ impl Worker {
     /// A Monte Carlo classification or an embedding request, on its own.
     fn run_alone(&mut self, job: &InferJob, rows: &Rows) -> Result<InferOut, ApiError> {
         let adapter = job.adapter.as_str();
+        // the mean-mode pass of `pvera predict` runs on merged weights: the same bits here
+        self.merge.exact(&self.p, adapter).map_err(ApiError::from_pvera)?;
         match job.kind {
-            InferKind::Classify { samples, seed, confidence } => {
+            InferKind::Classify { samples, seed, confidence, sequential } => {
                 let cfg = PredictConfig {
                     samples,
                     confidence,
                     seed: Some(seed),
                     max_rows: self.limits.max_batch_rows,
+                    mode: if sequential { McMode::Sequential } else { McMode::Batched },
                     ..PredictConfig::default()
                 };
                 let n = rows.len();
@@ -525,10 +533,10 @@ impl Worker {
                     )
                     .map_err(ApiError::from_pvera)?;
                 // The forwards mc_predict ran: per batch of b inputs, the mean-mode pass and the
-                // samples stacked k = max_rows / b at a time.
+                // samples stacked k = max_rows / b at a time (1 when sequential).
                 for b in (0..n).step_by(MC_BATCH).map(|s| (n - s).min(MC_BATCH)) {
                     self.metrics.forward(b);
-                    let k = (cfg.max_rows / b).max(1);
+                    let k = if sequential { 1 } else { (cfg.max_rows / b).max(1) };
                     let mut left = samples;
                     while left > 0 {
                         let kk = k.min(left);
