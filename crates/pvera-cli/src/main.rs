@@ -28,6 +28,7 @@ mod inspect;
 mod out;
 mod predict;
 mod progress;
+mod serve;
 mod train;
 
 use std::process::ExitCode;
@@ -67,6 +68,8 @@ enum Command {
     /// Time the hot paths (eval, merged, training step, Monte Carlo, GEMM peak) on one model;
     /// `tools/bench_peft.py` runs it side by side with PyTorch + PEFT.
     Bench(Box<bench::BenchArgs>),
+    /// Serve classifier adapters over HTTP (classify with uncertainty, TEI-style predict / embed, hot-load).
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// Exit code when stdout was closed by its reader before the output was written (what a Unix
@@ -203,7 +206,7 @@ fn die_on_sigpipe() {}
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Train(_)) {
+    if !matches!(cli.command, Command::Train(_) | Command::Serve(_)) {
         die_on_sigpipe();
     }
     let filter = match log_filter(&cli.log) {
@@ -228,6 +231,7 @@ fn main() -> ExitCode {
         Command::Predict(args) => predict::run_predict(*args),
         Command::Eval(args) => predict::run_eval(*args),
         Command::Bench(args) => bench::run(*args),
+        Command::Serve(args) => serve::run(*args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -51,7 +51,9 @@ pub struct AdapterSlot {
     r: usize,
     dropout: f64,
     sample_at_inference: bool,
-    generator: Option<Mutex<TorchGenerator>>,
+    /// Boxed: the generator's state is 2.5 KB, and slots of generator-less adapters (most served
+    /// ones) should not carry it inline (one slot per adapted layer per adapter).
+    generator: Option<Box<Mutex<TorchGenerator>>>,
     projections: Arc<Projections>,
     trainable: bool,
 }
@@ -434,7 +436,7 @@ impl Site {
         };
         let lambda_b = Var::from_vec(lb, out, &device)?;
         let lambda_d = Var::from_vec(ld, two_r, &device)?;
-        let generator = spec.generator_seed.map(|s| Mutex::new(TorchGenerator::new(s)));
+        let generator = spec.generator_seed.map(|s| Box::new(Mutex::new(TorchGenerator::new(s))));
         let slot = AdapterSlot {
             lambda_b,
             lambda_d,
@@ -501,7 +503,7 @@ impl Site {
     pub fn set_generator_seed(&self, adapter: &str, seed: Option<u64>) -> Result<()> {
         let mut g = self.write()?;
         if let Some(slot) = g.adapters.get_mut(adapter) {
-            slot.generator = seed.map(|s| Mutex::new(TorchGenerator::new(s)));
+            slot.generator = seed.map(|s| Box::new(Mutex::new(TorchGenerator::new(s))));
         }
         Ok(())
     }

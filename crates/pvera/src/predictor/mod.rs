@@ -10,8 +10,11 @@
 //! (the text length it was trained with), then predicted in mean mode or with `S` Monte Carlo
 //! samples of the PVeRA latent ([`crate::uncertainty`]).
 
+mod embed;
 pub mod inputs;
 pub mod meta;
+
+pub use embed::Embeddings;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -560,15 +563,8 @@ impl Predictor {
     /// Tokenises texts for `adapter`. With `truncate`, longer texts are cut to the adapter's
     /// maximum length; without it, a longer text is an [`Error::Request`] naming it.
     pub fn encode_texts(&self, adapter: &str, texts: &[&str], truncate: bool) -> Result<ModelInputs> {
-        let task = self.adapter(adapter)?;
-        if self.modality != Modality::Text {
-            return Err(Error::Request(format!("{} reads images, not texts", self.dir.model_type)));
-        }
-        if let Some(k) = texts.iter().position(|t| t.trim().is_empty()) {
-            return Err(Error::Request(format!("input {k} is an empty text; remove it")));
-        }
-        let tok = self.tokenizer(task.task.max_length)?;
-        let enc = tok.encode(texts, truncate)?;
+        let tok = self.text_tokenizer(adapter)?;
+        let enc = self.tokenize_texts(adapter, texts, truncate)?;
         if !truncate {
             if let Some((k, e)) = enc.iter().enumerate().find(|(_, e)| e.0.len() > tok.max_length()) {
                 return Err(Error::Request(format!(
@@ -580,6 +576,18 @@ impl Predictor {
         }
         let seqs: Vec<(&[u32], &[u32])> = enc.iter().map(|(a, b)| (a.as_slice(), b.as_slice())).collect();
         tok.pad_batch(&seqs, &self.device)
+    }
+
+    /// Token ids and type ids of each text as `adapter` reads them (special tokens included),
+    /// truncated to its maximum length when `truncate`, not padded; an empty text is an
+    /// [`Error::Request`] naming it. [`Predictor::encode_texts`] is this plus the length check
+    /// and padding; the server packs several requests' sequences into one padded batch.
+    pub fn tokenize_texts(&self, adapter: &str, texts: &[&str], truncate: bool) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        let tok = self.text_tokenizer(adapter)?;
+        if let Some(k) = texts.iter().position(|t| t.trim().is_empty()) {
+            return Err(Error::Request(format!("input {k} is an empty text; remove it")));
+        }
+        tok.encode(texts, truncate)
     }
 
     /// Preprocesses images (the model's preprocessing) into `pixel_values`.
