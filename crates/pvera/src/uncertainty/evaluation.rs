@@ -15,7 +15,7 @@ use super::calibration::{calibration, Calibration};
 use super::conformal::{set_summary, ConformalFit, ConformalScore, SetSummary};
 use super::ood::{auroc, OodScores};
 use super::prediction::Prediction;
-use super::selective::{adaptive_ece, fpr95, selective, Selective};
+use super::selective::{adaptive_ece, confidences_and_correct, fpr95, selective, Selective};
 use super::stats::entropy;
 use crate::error::{Error, Result};
 
@@ -177,14 +177,24 @@ pub struct ModeFigures {
     pub adaptive_ece: f64,
     /// AURC and selective risk / accuracy at 80 % and 90 % coverage.
     pub selective: Selective,
+    /// Misclassification AUROC of `1 − max p`: how well the mode's own confidence ranks its own
+    /// mistakes above its right answers (`None` when every prediction is right or every one wrong).
+    pub error_auroc: Option<f64>,
 }
 
 /// [`ModeFigures`] of probability rows against labels with `bins` bins.
 pub fn mode_figures(probs: &[Vec<f64>], labels: &[usize], bins: usize) -> Result<ModeFigures> {
+    let (conf, ok) = confidences_and_correct(probs, labels)?;
+    let (mut wrong, mut right) = (Vec::new(), Vec::new());
+    for (c, ok) in conf.iter().zip(&ok) {
+        if *ok { right.push(1.0 - c) } else { wrong.push(1.0 - c) }
+    }
+    let error_auroc = if wrong.is_empty() || right.is_empty() { None } else { Some(auroc(&right, &wrong)?) };
     Ok(ModeFigures {
         calibration: calibration(probs, labels, bins)?,
         adaptive_ece: adaptive_ece(probs, labels, bins)?.ace,
         selective: selective(probs, labels)?,
+        error_auroc,
     })
 }
 

@@ -286,6 +286,9 @@ fn evaluation_figures_equal_the_functions_they_are_made_of() {
         assert_eq!(json(&got.calibration), json(&calibration(probs, &labels, 10).unwrap()));
         assert_eq!(got.adaptive_ece, adaptive_ece(probs, &labels, 10).unwrap().ace);
         assert_eq!(got.selective, selective(probs, &labels).unwrap());
+        let (conf, ok) = pvera::uncertainty::selective::confidences_and_correct(probs, &labels).unwrap();
+        let score = |want: bool| conf.iter().zip(&ok).filter(|(_, &o)| o == want).map(|(c, _)| 1.0 - c).collect::<Vec<_>>();
+        assert_eq!(got.error_auroc.unwrap(), pvera::uncertainty::auroc(&score(true), &score(false)).unwrap());
     }
     let o = ood_figures(&preds, &ood).unwrap();
     let (i, x): (Vec<ModeScores>, Vec<ModeScores>) =
