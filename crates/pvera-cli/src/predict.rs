@@ -172,6 +172,9 @@ pub struct EvalArgs {
     /// examples, as `pvera train --eval-held-out N` does), and at most N OOD inputs.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// At most N inputs of each --ood set (seeded subset; default: --limit).
+    #[arg(long)]
+    pub ood_limit: Option<usize>,
     /// Evaluate only the examples `pvera train --output DIR` left unused (its split.json; --data must
     /// be the same file it trained on); with a calibration.json drawn from the same run, its test rows.
     #[arg(long)]
@@ -547,8 +550,8 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
     if args.bins == 0 {
         usage!("--bins 0: the reliability diagram needs at least 1 bin (15 is usual)");
     }
-    if args.limit == Some(0) {
-        usage!("--limit 0: evaluate at least one example");
+    if args.limit == Some(0) || args.ood_limit == Some(0) {
+        usage!("--limit / --ood-limit 0: evaluate at least one example");
     }
     if !args.data.exists() {
         return Err(crate::common::not_found(&args.data, "--data: no such file or folder"));
@@ -596,7 +599,7 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
     // Everything the run needs is opened and checked before the first forward.
     let mut oods = Vec::new();
     for spec in &args.ood {
-        let set = InputSet::open_ood(spec, p.modality(), args.limit, args.common.seed).map_err(request_error)?;
+        let set = InputSet::open_ood(spec, p.modality(), args.ood_limit.or(args.limit), args.common.seed).map_err(request_error)?;
         oods.push((spec.clone(), set));
     }
     out.probe_writable()?;
