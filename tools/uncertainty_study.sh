@@ -28,7 +28,7 @@ ASSETS="${PVERA_ASSETS:-$PWD/.cache/assets}"
 OUT="${OUT:-.cache/study}"
 THREADS="${THREADS:-2}"
 SAMPLES="${SAMPLES:-16}"
-RUNS="${RUNS:-spam:0:0 spam:0:1 spam:0:2 fmnist:0:0 fmnist:0:1 fmnist:0:2 spam:1:0 spam:1:1 spam:1:2 spam:10:0 spam:10:1 spam:10:2 fmnist:1:0 fmnist:1:1 fmnist:1:2 spam:6e-6:0 spam:6e-6:1 spam:6e-6:2}"
+RUNS="${RUNS:-spam:0:0 spam:0:1 spam:0:2 fmnist:0:0 fmnist:0:1 fmnist:0:2 spam:1:0 spam:1:1 spam:1:2 spam:10:0 spam:10:1 spam:10:2 fmnist:10:0 fmnist:10:1 fmnist:10:2 spam:6e-6:0 spam:6e-6:1 spam:6e-6:2}"
 NICE="nice -n 10"
 mkdir -p "$OUT"
 

@@ -265,6 +265,26 @@ pub fn fit_calibration(
     } else {
         None
     };
+    let mut notes = notes;
+    for (name, m) in [("mean-mode", Some(&mean)), ("Monte Carlo", mc.as_ref())] {
+        let Some(m) = m else { continue };
+        let t = &m.temperature;
+        if t.at_bound && t.temperature <= opts.temperature.min * (1.0 + 1e-9) {
+            notes.push(format!(
+                "the {name} temperature stopped at its lower bound T = {}: the NLL of these rows keeps falling as the \
+                 probabilities sharpen{}; such a fit rarely carries over to new rows (one confident mistake costs about \
+                 margin / T nats), so compare eval's NLL after temperature scaling with the NLL before it",
+                t.temperature,
+                if m.samples > 1 { " (each sample scored almost as a one-hot vote)" } else { "" }
+            ));
+        } else if t.at_bound {
+            notes.push(format!(
+                "the {name} temperature stopped at its upper bound T = {}: the probabilities carry almost no signal on \
+                 these rows",
+                t.temperature
+            ));
+        }
+    }
     let file = CalibrationFile::new(adapter_hash, opts.seed, split, mean, mc);
     file.validate()?;
     Ok(Fitted { file, notes })

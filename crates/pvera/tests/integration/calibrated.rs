@@ -121,6 +121,12 @@ fn binary_tasks_fit_lac_only_and_raps_needs_its_tuning_rows() {
     let opts = FitOptions { scores: vec![ConformalScore::Lac, ConformalScore::Aps], scores_given: true, ..FitOptions::default() };
     let e = fit_calibration(&preds, &labels, "h", split(60), &opts).unwrap_err();
     assert!(matches!(e, Error::Request(_)) && e.to_string().contains("aps") && e.to_string().contains("use lac"), "{e}");
+    // every calibration row right: the NLL falls as T -> 0, the fit stops at the bound and says so
+    let sure: Vec<Prediction> = (0..40).map(|i| Prediction::mean_only(if i % 2 == 0 { vec![0.8, 0.2] } else { vec![0.3, 0.7] })).collect();
+    let y: Vec<usize> = (0..40).map(|i| i % 2).collect();
+    let f = fit_calibration(&sure, &y, "h", split(40), &FitOptions::default()).unwrap();
+    assert!(f.file.mean.temperature.at_bound && f.file.mean.temperature.temperature == 0.01);
+    assert!(f.notes.iter().any(|n| n.contains("lower bound")), "{:?}", f.notes);
     // 4 classes, 150 rows: RAPS's 15 tuning rows cannot do alpha 0.05; skipped, LAC and APS kept
     let (preds, labels) = synthetic(150, 4, 0, 3);
     let f = fit_calibration(&preds, &labels, "h", split(150), &FitOptions::default()).unwrap();
