@@ -572,10 +572,22 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
         Some(dir) => {
             let unused = unused_of(dir, &args.data, data.as_ref(), sha.as_deref().unwrap_or_default())?;
             match &cal {
-                Some(c) if !c.file().split.test_rows.is_empty() && c.file().split.data_sha256 == sha => (
-                    format!("the test rows {} set aside from {}'s unused examples", c.path().display(), dir.display()),
-                    c.file().split.test_rows.clone(),
-                ),
+                Some(c) if !c.file().split.test_rows.is_empty() && c.file().split.data_sha256 == sha => {
+                    let pool: std::collections::HashSet<usize> = unused.iter().copied().collect();
+                    if !c.file().split.test_rows.iter().all(|r| pool.contains(r)) {
+                        usage!(
+                            "{}: its test rows are not all among the examples {} left unused, so it was calibrated \
+                             against another training run; re-run `pvera calibrate --held-out-of {}` for this adapter",
+                            c.path().display(),
+                            dir.display(),
+                            dir.display()
+                        );
+                    }
+                    (
+                        format!("the test rows {} set aside from {}'s unused examples", c.path().display(), dir.display()),
+                        c.file().split.test_rows.clone(),
+                    )
+                }
                 _ => (format!("the examples {} left unused", dir.display()), unused),
             }
         }

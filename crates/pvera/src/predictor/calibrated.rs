@@ -517,14 +517,6 @@ impl Calibrator {
         let mc = Some(input_stats(&samples, confidence)?);
         Ok(Prediction { mean_mode, mc, samples, calibrated: None })
     }
-
-    /// The conformal fit of the chosen score in a mode, scaled (`true`: the thresholds
-    /// predictions use) or unscaled.
-    pub fn conformal_fit(&self, sampled: bool, scaled: bool) -> Result<Option<&ConformalFit>> {
-        let m = self.mode(sampled)?;
-        let list = if scaled || !m.conformal_on_scaled { &m.conformal } else { &m.conformal_raw };
-        Ok(list.iter().find(|f| f.score == self.score))
-    }
 }
 
 fn names(s: &[ConformalScore]) -> String {
