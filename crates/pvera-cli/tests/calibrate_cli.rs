@@ -276,6 +276,20 @@ fn calibrate_flag_errors_and_the_assumed_split() {
         a.extend_from_slice(extra);
         pvera(&a)
     };
+    // eval --held-out-of another run (another seed, another split) than the calibration's
+    let other = t.tmp.path().join("other");
+    let o = pvera(&[
+        "train", "--model", s(&t.model), "--tokenizer", s(&t.tok), "--data", s(&t.data), "--task", "text-classification",
+        "--output", s(&other), "--r", "8", "--target-modules", "query,value", "--epochs", "1", "--train-size", "12",
+        "--seed", "3", "--threads", "1",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    let o = pvera(&[
+        "eval", "--model", s(&t.model), "--tokenizer", s(&t.tok), "--adapter", s(&c.best), "--data", s(&t.data),
+        "--held-out-of", s(&other), "--samples", "2", "--output", s(&t.tmp.path().join("e0")),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("calibrated against another training run"), "{}", show(&o));
     // APS asked for on a binary task
     let o = base(&["--held-out-of", s(&t.out), "--score", "lac,aps"]);
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
