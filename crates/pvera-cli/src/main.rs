@@ -5,7 +5,8 @@
 //! - 1: any other error
 //! - 2: bad command line (clap)
 //! - 3: `inspect --verify-projections`: stored projections differ from the regenerated ones
-//! - 4: invalid or unreadable config (`adapter_config.json`), or one whose targets this model lacks
+//! - 4: invalid or unreadable config (`adapter_config.json`), or one whose targets this model lacks;
+//!   a stale or damaged `calibration.json`
 //! - 5: invalid tensor file (corrupt safetensors, missing/mis-shaped/non-finite tensor)
 //! - 6: file system error (missing directory or file, permissions)
 //! - 7: invalid inputs file for `infer` (unknown tensor names, wrong dtype or shape)
@@ -21,6 +22,7 @@
 //! model, a split that leaves no examples, ...).
 
 mod bench;
+mod calibrate;
 mod common;
 mod curves;
 mod infer;
@@ -65,6 +67,9 @@ enum Command {
     /// Calibration (accuracy, NLL, Brier, ECE, reliability diagram) of mean-mode vs Monte Carlo
     /// predictions on a labelled set, and out-of-distribution AUROC against a second set.
     Eval(Box<predict::EvalArgs>),
+    /// Fit calibration.json beside an adapter on labelled calibration rows: temperatures (mean mode and
+    /// Monte Carlo) and split-conformal thresholds (LAC / APS / RAPS per alpha), which predict and eval use.
+    Calibrate(Box<calibrate::CalibrateArgs>),
     /// Time the hot paths (eval, merged, training step, Monte Carlo, GEMM peak) on one model;
     /// `tools/bench_peft.py` runs it side by side with PyTorch + PEFT.
     Bench(Box<bench::BenchArgs>),
@@ -100,7 +105,8 @@ pub fn exit_code_for(err: &anyhow::Error) -> u8 {
                 | pvera::Error::ConfigParse { .. }
                 | pvera::Error::WrongPeftType { .. }
                 | pvera::Error::NoTargetMatched { .. }
-                | pvera::Error::NoDefaultTargets { .. } => 4,
+                | pvera::Error::NoDefaultTargets { .. }
+                | pvera::Error::StaleCalibration { .. } => 4,
                 pvera::Error::Safetensors { .. }
                 | pvera::Error::MissingTensor { .. }
                 | pvera::Error::ShapeMismatch { .. }
@@ -230,6 +236,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(*args),
         Command::Predict(args) => predict::run_predict(*args),
         Command::Eval(args) => predict::run_eval(*args),
+        Command::Calibrate(args) => calibrate::run(*args),
         Command::Bench(args) => bench::run(*args),
         Command::Serve(args) => serve::run(*args),
     };

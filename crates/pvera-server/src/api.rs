@@ -81,6 +81,15 @@ pub struct ClassifyRequest {
     /// shapes; `pvera predict --sequential`).
     #[serde(default)]
     pub sequential: bool,
+    /// Use the adapter's `calibration.json` when it has one (default true; `pvera predict
+    /// --no-calibration` is `false`).
+    pub calibration: Option<bool>,
+    /// Coverage `1 − α` of the prediction sets: one the calibration was fitted for (`--coverage`).
+    pub coverage: Option<f64>,
+    /// Conformity score of the sets: `lac`, `aps` or `raps`, one the calibration fitted (`--score`).
+    pub score: Option<String>,
+    /// Abstain also when the calibrated confidence is under this (`--abstain-below`).
+    pub abstain_below: Option<f64>,
 }
 
 /// `POST /predict` (text-embeddings-inference's request, plus `adapter`).

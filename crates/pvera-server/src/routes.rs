@@ -23,7 +23,8 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::api::{self, ClassifyRequest, EmbedRequest, JsonBody, LoadRequest, PredictRequest};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::worker::{Catalog, InferKind, InferOut, Job, JobInputs, ModelSummary};
+use crate::worker::{CalibrationRequest, Catalog, InferKind, InferOut, Job, JobInputs, ModelSummary};
+use pvera::predictor::CalibrationChoice;
 use crate::{check_adapter_name, Limits};
 
 /// What every handler shares.
@@ -318,9 +319,24 @@ async fn classify_inner(
     s.check_count(inputs.len())?;
     let names: Option<Vec<String>> = (s.model.modality == "text").then(|| inputs.clone());
     let job_inputs = s.job_inputs(inputs).await?;
-    let kind = InferKind::Classify { samples, seed, confidence, sequential: req.sequential };
+    let score = match &req.score {
+        Some(x) => Some(x.parse::<pvera::uncertainty::ConformalScore>().map_err(|_| {
+            ApiError::invalid(format!("field `score`: {x:?}; expected \"lac\", \"aps\" or \"raps\""))
+        })?),
+        None => None,
+    };
+    let calibration = CalibrationRequest {
+        off: req.calibration == Some(false),
+        choice: CalibrationChoice { coverage: req.coverage, score, abstain_below: req.abstain_below },
+    };
+    if calibration.off && !calibration.is_default_choice() {
+        return Err(ApiError::invalid(
+            "fields `coverage`, `score` and `abstain_below` apply a calibration that `\"calibration\": false` turns off; drop one or the other",
+        ));
+    }
+    let kind = InferKind::Classify { samples, seed, confidence, sequential: req.sequential, calibration };
     let out = s.infer(adapter.clone(), job_inputs, kind, req.truncate).await?;
-    let InferOut::Classify { labels, predictions } = out else {
+    let InferOut::Classify { labels, predictions, calibration } = out else {
         return Err(ApiError::backend("the worker answered with embeddings"));
     };
     let records: Vec<Value> = predictions
@@ -334,6 +350,12 @@ async fn classify_inner(
         "samples": samples,
         "seed": (samples > 1).then_some(seed),
         "confidence": confidence,
+        "calibration": calibration.as_ref().map(|c| json!({
+            "temperature": c.mode(samples > 1).ok().map(|m| m.temperature.temperature),
+            "score": c.score().name(),
+            "coverage": 1.0 - c.alpha(),
+            "n": c.file().n,
+        })),
         "predictions": records,
     }))
     .into_response())
@@ -357,15 +379,22 @@ async fn predict_inner(
     let (inputs, single) = api::tei_predict_inputs(&req.inputs)?;
     s.check_count(inputs.len())?;
     let job_inputs = s.job_inputs(inputs).await?;
-    let kind = InferKind::Classify { samples: 1, seed: 0, confidence: 0.95, sequential: false };
+    let kind = InferKind::Classify {
+        samples: 1,
+        seed: 0,
+        confidence: 0.95,
+        sequential: false,
+        calibration: CalibrationRequest::default(),
+    };
     let out = s.infer(adapter, job_inputs, kind, req.truncate.unwrap_or(false)).await?;
-    let InferOut::Classify { labels, predictions } = out else {
+    let InferOut::Classify { labels, predictions, .. } = out else {
         return Err(ApiError::backend("the worker answered with embeddings"));
     };
     let mut lists = Vec::with_capacity(predictions.len());
     for p in &predictions {
-        let mut scored: Vec<(f64, &String)> = p
-            .mean_mode
+        // the temperature-scaled probabilities when the adapter has a calibration.json
+        let probs = p.calibrated.as_ref().map_or(&p.mean_mode, |c| &c.probs);
+        let mut scored: Vec<(f64, &String)> = probs
             .iter()
             .zip(&labels)
             .map(|(&q, l)| (if req.raw_scores { q.ln() } else { q }, l))

@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use pvera::config::TargetModules;
 use pvera::data::images::RawImage;
-use pvera::predictor::{Embeddings, Modality, PredictConfig, PredictorOptions, TaskOverrides};
+use pvera::predictor::{CalibrationChoice, Calibrator, Embeddings, Modality, PredictConfig, PredictorOptions, TaskOverrides};
 use pvera::uncertainty::{McMode, Prediction};
 use pvera::Predictor;
 use serde::Serialize;
@@ -58,7 +58,7 @@ impl JobInputs {
 }
 
 /// What to compute.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum InferKind {
     /// Class probabilities (mean mode when `samples` is 1).
     Classify {
@@ -70,6 +70,8 @@ pub enum InferKind {
         confidence: f64,
         /// One forward per sample (PEFT's loop) instead of stacked samples.
         sequential: bool,
+        /// Whether and how the adapter's `calibration.json` applies.
+        calibration: CalibrationRequest,
     },
     /// Pooled embeddings.
     Embed {
@@ -82,6 +84,54 @@ pub enum InferKind {
     },
 }
 
+/// What a request asks of the adapter's `calibration.json` (`pvera predict`'s calibration flags).
+#[derive(Clone, Debug, Default)]
+pub struct CalibrationRequest {
+    /// `false`: ignore the file (`--no-calibration`).
+    pub off: bool,
+    /// Coverage, score and abstention threshold (`None` each: the file's first fit, no threshold).
+    pub choice: CalibrationChoice,
+}
+
+impl CalibrationRequest {
+    fn is_default(&self) -> bool {
+        self.is_default_choice()
+    }
+
+    /// No coverage, score or threshold asked for.
+    pub fn is_default_choice(&self) -> bool {
+        self.choice == CalibrationChoice::default()
+    }
+}
+
+impl InferKind {
+    /// The calibration a classification asks for (none for embeddings).
+    fn calibration(&self) -> &CalibrationRequest {
+        static NONE: CalibrationRequest = CalibrationRequest { off: true, choice: CalibrationChoice { coverage: None, score: None, abstain_below: None } };
+        match self {
+            InferKind::Classify { calibration, .. } => calibration,
+            InferKind::Embed { .. } => &NONE,
+        }
+    }
+}
+
+/// `/info`'s view of an adapter's calibration.
+fn calibration_summary(c: &Calibrator) -> serde_json::Value {
+    let f = c.file();
+    serde_json::json!({
+        "n": f.n,
+        "seed": f.seed,
+        "temperature": {"mean_mode": f.mean.temperature.temperature, "monte_carlo": f.mc.as_ref().map(|m| m.temperature.temperature)},
+        "monte_carlo_samples": f.mc.as_ref().map(|m| m.samples),
+        "fits": f.mean.conformal.iter().map(|x| serde_json::json!({
+            "score": x.score.name(),
+            "coverages": x.thresholds.iter().map(|t| 1.0 - t.alpha).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "score": c.score().name(),
+        "coverage": 1.0 - c.alpha(),
+    })
+}
+
 /// An answer of the worker.
 #[derive(Debug)]
 pub enum InferOut {
@@ -91,6 +141,8 @@ pub enum InferOut {
         labels: Vec<String>,
         /// One per input.
         predictions: Vec<Prediction>,
+        /// The calibration applied (`None`: the adapter has none, or the request turned it off).
+        calibration: Option<Calibrator>,
     },
     /// Embeddings.
     Embed(Embeddings),
@@ -158,6 +210,8 @@ pub struct AdapterEntry {
     pub projection_group: usize,
     /// Where its classification head comes from (`adapter` or `model`).
     pub head: &'static str,
+    /// Its `calibration.json` (temperatures, fitted scores and coverages; `None`: uncalibrated).
+    pub calibration: Option<serde_json::Value>,
 }
 
 /// The loaded adapters, readable by the HTTP side without queueing.
@@ -218,6 +272,7 @@ struct Worker {
     merge: MergeCache,
     /// Projection group numbers by the address of the shared projections.
     groups: Vec<usize>,
+    calibrations: BTreeMap<String, Calibrator>,
 }
 
 /// Marks the worker dead when its thread ends, also by a panic outside the per-job guard.
@@ -290,7 +345,15 @@ impl Worker {
             max_positions: p.max_positions(),
         };
         let hidden = p.model_dir().usize_field("hidden_size")?;
-        let mut w = Worker { p, catalog, metrics, limits: setup.limits, merge: MergeCache::new(hidden), groups: Vec::new() };
+        let mut w = Worker {
+            p,
+            catalog,
+            metrics,
+            limits: setup.limits,
+            merge: MergeCache::new(hidden),
+            groups: Vec::new(),
+            calibrations: BTreeMap::new(),
+        };
         for (name, dir) in &setup.adapters {
             w.load(name, dir).map_err(|e| match e {
                 LoadError::Pvera(e) => ServerError::Pvera(e),
@@ -347,6 +410,20 @@ impl Worker {
                 self.p.add_adapter(name, dir, &o).map_err(LoadError::Pvera)?;
             }
         }
+        // Its calibration.json, checked against the adapter before the adapter becomes visible.
+        match Calibrator::load(dir, &CalibrationChoice::default()) {
+            Ok(Some(c)) => {
+                self.calibrations.insert(name.to_string(), c);
+            }
+            Ok(None) => {
+                self.calibrations.remove(name);
+            }
+            Err(e) => {
+                let _ = self.p.remove_adapter(name);
+                self.calibrations.remove(name);
+                return Err(LoadError::Pvera(e));
+            }
+        }
         for w in self.p.take_warnings() {
             tracing::warn!("adapter {name}: {w}");
         }
@@ -364,6 +441,7 @@ impl Worker {
             return Err(ApiError::not_found(format!("no adapter {name:?} is loaded; GET /adapters lists them")));
         }
         self.p.remove_adapter(name).map_err(ApiError::from_pvera)?;
+        self.calibrations.remove(name);
         self.refresh(name, false);
         Ok(())
     }
@@ -395,6 +473,7 @@ impl Worker {
             adapted_layers: info.targets.len(),
             projection_group: group,
             head: task.head.origin,
+            calibration: self.calibrations.get(name).map(calibration_summary),
         })
     }
 
@@ -446,7 +525,7 @@ impl Worker {
             match results {
                 Ok(results) => {
                     for ((job, _), r) in mean.into_iter().zip(results) {
-                        let out = r.and_then(|predictions| self.labelled(&job.adapter, predictions));
+                        let out = r.and_then(|predictions| self.labelled(&job.adapter, predictions, job.kind.calibration()));
                         let _ = job.reply.send(out);
                     }
                 }
@@ -466,9 +545,32 @@ impl Worker {
         }
     }
 
-    fn labelled(&self, adapter: &str, predictions: Vec<Prediction>) -> Result<InferOut, ApiError> {
+    /// The answer of a classification: the adapter's labels and the predictions, calibrated as
+    /// the request asks (`pvera predict`'s rules: the file when present unless turned off; a
+    /// coverage, score or threshold needs the file).
+    fn labelled(&self, adapter: &str, mut predictions: Vec<Prediction>, req: &CalibrationRequest) -> Result<InferOut, ApiError> {
         let labels = self.p.adapter(adapter).map_err(ApiError::from_pvera)?.labels().to_vec();
-        Ok(InferOut::Classify { labels, predictions })
+        let calibration = match (req.off, self.calibrations.get(adapter)) {
+            (true, _) => None,
+            (false, None) if !req.is_default() => {
+                return Err(ApiError::invalid(format!(
+                    "fields `coverage`, `score` and `abstain_below` need a calibration.json beside adapter {adapter:?}, \
+                     which it has none of: run `pvera calibrate` for it and load it again, or leave those fields out"
+                )))
+            }
+            (false, None) => None,
+            (false, Some(c)) if req.is_default() => Some(c.clone()),
+            (false, Some(c)) => Some(
+                Calibrator::new(c.file().clone(), c.path().to_path_buf(), &req.choice)
+                    .map_err(|e| ApiError::invalid(e.to_string()))?,
+            ),
+        };
+        if let Some(c) = &calibration {
+            let sampled = predictions.first().is_some_and(|p| p.mc.is_some());
+            c.mode(sampled).map_err(|e| ApiError::invalid(e.to_string()))?;
+            c.apply(&mut predictions).map_err(ApiError::from_pvera)?;
+        }
+        Ok(InferOut::Classify { labels, predictions, calibration })
     }
 
     /// Tokenises texts (checking their length against the adapter's) or preprocesses images.
@@ -511,7 +613,7 @@ impl Worker {
         // the mean-mode pass of `pvera predict` runs on merged weights: the same bits here
         self.merge.exact(&self.p, adapter).map_err(ApiError::from_pvera)?;
         match job.kind {
-            InferKind::Classify { samples, seed, confidence, sequential } => {
+            InferKind::Classify { samples, seed, confidence, sequential, ref calibration } => {
                 let cfg = PredictConfig {
                     samples,
                     confidence,
@@ -545,7 +647,7 @@ impl Worker {
                     }
                 }
                 self.metrics.mc_samples.fetch_add((samples * n) as u64, Ordering::Relaxed);
-                self.labelled(adapter, predictions)
+                self.labelled(adapter, predictions, calibration)
             }
             InferKind::Embed { samples, seed, normalize } => {
                 let all: Vec<(usize, usize)> = (0..rows.len()).map(|i| (0, i)).collect();

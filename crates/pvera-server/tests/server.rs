@@ -505,3 +505,73 @@ fn mean_forward_mixes_adapters_in_one_forward() {
         }
     }
 }
+
+/// An adapter with a `calibration.json` answers `/classify` with `pvera predict`'s calibrated
+/// fields (temperature-scaled probabilities, conformal set, abstain), computed by the library's
+/// `Calibrator` on the same predictions; the request can turn it off or pick a fitted coverage,
+/// and asking for one that was not fitted (or for any without a file) is a 422.
+#[test]
+fn classify_applies_the_adapters_calibration() {
+    use pvera::predictor::calibrated::{adapter_hash, fit_calibration, FitOptions};
+    use pvera::predictor::{CalibrationChoice, Calibrator, PredictConfig, PredictorOptions, TaskOverrides};
+    use pvera::uncertainty::{CalibrationSplit, CALIBRATION_FILE};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = two_adapters(tmp.path());
+    // Fit b's calibration on 60 texts with made-up labels (mean mode and 4 Monte Carlo samples).
+    let opts = PredictorOptions { tokenizer: Some(tokenizer()), ..PredictorOptions::default() };
+    let mut p = pvera::Predictor::open(&bert(), &opts).unwrap();
+    p.add_adapter("b", &b, &TaskOverrides::default()).unwrap();
+    let words = ["free", "money", "notes", "lunch", "prize", "report", "meeting", "noon", "win", "cheap"];
+    let texts: Vec<String> = (0..60).map(|i| format!("{} {} {}", words[i % 10], words[(i / 10) % 10], words[(i * 7) % 10])).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let x = p.encode_texts("b", &refs, false).unwrap();
+    let cfg = PredictConfig { samples: 4, seed: Some(0), ..PredictConfig::default() };
+    let preds = p.predict("b", &x, &cfg).unwrap();
+    let labels: Vec<usize> = (0..60).map(|i| (i * 5 / 3) % 3).collect();
+    let split = CalibrationSplit::new("synthetic", (0..60).collect(), "server test");
+    let fitted = fit_calibration(&preds, &labels, &adapter_hash(&b).unwrap(), split, &FitOptions::default()).unwrap();
+    fitted.file.write(&b.join(CALIBRATION_FILE)).unwrap();
+
+    let s = TestServer::start(config(&[("a", &a), ("b", &b)]));
+    let info = get(&s.url("/info")).json();
+    assert!(info["adapters"][0]["calibration"].is_null(), "a has no calibration.json");
+    assert_eq!(info["adapters"][1]["calibration"]["coverage"], json!(0.9));
+
+    // The server's answer equals the library's calibrator on the same seeded predictions.
+    let body = json!({"inputs": &TEXTS[..3], "adapter": "b", "samples": 4, "seed": 2});
+    let r = post_json(&s.url("/classify"), &body);
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = r.json();
+    assert_eq!(r["calibration"]["score"], json!("lac"));
+    let x = p.encode_texts("b", &TEXTS[..3], false).unwrap();
+    let mut want = p.predict("b", &x, &PredictConfig { samples: 4, seed: Some(2), ..PredictConfig::default() }).unwrap();
+    let cal = Calibrator::load(&b, &CalibrationChoice::default()).unwrap().unwrap();
+    cal.apply(&mut want).unwrap();
+    let labels: Vec<String> = ["neg", "neu", "pos"].iter().map(|s| s.to_string()).collect();
+    let got = r["predictions"].as_array().unwrap();
+    assert_eq!(got.len(), 3);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(w.calibrated.is_some() && g["prediction_set"].is_array() && g["abstain"].is_boolean(), "{g}");
+        let d = max_diff(g, &w.to_json(&labels, Some(TEXTS[i])));
+        assert!(d <= 1e-6, "input {i}: the server's calibrated record differs by {d}: {g}");
+    }
+    // mean mode too, and a fitted coverage of 95 %
+    let r = post_json(&s.url("/classify"), &json!({"inputs": TEXTS[0], "adapter": "b", "coverage": 0.95})).json();
+    assert_eq!(r["calibration"]["coverage"], json!(0.95));
+    assert!(r["predictions"][0]["prediction_set"].is_array());
+    // turned off: the calibration fields are null
+    let r = post_json(&s.url("/classify"), &json!({"inputs": TEXTS[0], "adapter": "b", "calibration": false})).json();
+    assert!(r["calibration"].is_null() && r["predictions"][0]["prediction_set"].is_null(), "{r}");
+    // a coverage that was not fitted, a coverage without a file, a bad score, contradicting fields
+    for (body, needle) in [
+        (json!({"inputs": TEXTS[0], "adapter": "b", "coverage": 0.5}), "0.5"),
+        (json!({"inputs": TEXTS[0], "adapter": "a", "coverage": 0.9}), "pvera calibrate"),
+        (json!({"inputs": TEXTS[0], "adapter": "b", "score": "best"}), "lac"),
+        (json!({"inputs": TEXTS[0], "adapter": "b", "calibration": false, "abstain_below": 0.8}), "turns off"),
+    ] {
+        let r = post_json(&s.url("/classify"), &body);
+        assert_eq!(r.status, 422, "{body}: {}", r.text);
+        assert!(r.text.contains(needle), "{body}: {}", r.text);
+    }
+}

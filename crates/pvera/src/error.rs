@@ -117,6 +117,16 @@ pub enum Error {
     /// value, what was expected and the fix. (CLI exit 2; a server answers 4xx.)
     #[error("{0}")]
     Request(String),
+
+    /// `calibration.json` belongs to another adapter: the adapter's files changed after
+    /// `pvera calibrate` fitted it, so its temperature and conformal thresholds no longer hold.
+    #[error(
+        "{path}: fitted for adapter {file_hash} but the adapter in that folder now hashes to {adapter_hash} (its \
+         adapter_config.json or adapter_model.safetensors changed after calibration), so the temperature and the \
+         conformal thresholds no longer hold. Re-run `pvera calibrate` for this adapter, or turn calibration off \
+         (`--no-calibration`)"
+    )]
+    StaleCalibration { path: PathBuf, file_hash: String, adapter_hash: String },
 }
 
 impl From<candle_core::Error> for Error {

@@ -148,6 +148,7 @@ pub fn error_class(e: &Error) -> &'static str {
         Error::UnsupportedModel { .. } => "UnsupportedModel",
         Error::Data(_) => "Data",
         Error::Request(_) => "Request",
+        Error::StaleCalibration { .. } => "StaleCalibration",
     }
 }
 

@@ -10,6 +10,7 @@
 //! (the text length it was trained with), then predicted in mean mode or with `S` Monte Carlo
 //! samples of the PVeRA latent ([`crate::uncertainty`]).
 
+pub mod calibrated;
 mod embed;
 pub mod inputs;
 pub mod meta;
@@ -32,8 +33,9 @@ use crate::models::{AnyModel, ModelInputs, ModelOutputs};
 use crate::peft_model::PeftModel;
 use crate::state::{RunState, Sampling};
 use crate::state::RowPlan;
-use crate::uncertainty::{mc_predict, mean_predict, stats::input_stats, McConfig, McMode, McNoise, Prediction};
+use crate::uncertainty::{mc_predict, mean_predict, McConfig, McMode, McNoise, Prediction};
 
+pub use calibrated::{adapter_hash, CalibrationChoice, Calibrator};
 pub use meta::{ResolvedTask, Source, TaskKind, TaskMeta, TaskOverrides};
 
 /// What a model reads.
@@ -668,16 +670,11 @@ impl Predictor {
         };
         if cfg.samples < 2 {
             let (p, c) = mean_predict(&self.pm, inputs, forward)?;
-            return Ok(p.chunks(c).map(|row| Prediction { mean_mode: row.to_vec(), mc: None }).collect());
+            return Ok(p.chunks(c).map(|row| Prediction::mean_only(row.to_vec())).collect());
         }
         let out = mc_predict(&self.pm, inputs, &self.mc_config(cfg, first), forward)?;
         (0..out.inputs)
-            .map(|b| {
-                Ok(Prediction {
-                    mean_mode: out.input_mean_mode(b).unwrap_or_default(),
-                    mc: Some(input_stats(&out.input_samples(b), cfg.confidence)?),
-                })
-            })
+            .map(|b| Prediction::sampled(out.input_mean_mode(b).unwrap_or_default(), out.input_samples(b), cfg.confidence))
             .collect()
     }
 
@@ -756,7 +753,7 @@ impl Predictor {
                     .zip(&sizes)
                     .map(|(l, &n)| {
                         let (p, c) = crate::uncertainty::mc::softmax_rows(l, n)?;
-                        Ok(p.chunks(c).map(|row| Prediction { mean_mode: row.to_vec(), mc: None }).collect())
+                        Ok(p.chunks(c).map(|row| Prediction::mean_only(row.to_vec())).collect())
                     })
                     .collect();
             }

@@ -229,6 +229,63 @@ pub fn reliability_svg(title: &str, curves: &[(&str, &Calibration)]) -> String {
     s
 }
 
+/// The reliability diagram of [`reliability_svg`] as a PNG (the same layout, curves, histogram
+/// and legend, drawn at twice the SVG's size into an RGB raster with a 5x7 bitmap font; text
+/// outside printable ASCII is drawn as `?`).
+pub fn reliability_png(title: &str, curves: &[(&str, &Calibration)]) -> Result<Vec<u8>> {
+    use crate::uncertainty::raster::{rgb, Anchor, Canvas};
+    const COLORS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+    let k = 2.0; // pixels per SVG unit
+    let (w, h) = (560.0 * k, 560.0 * k);
+    let (l, t, pw, ph) = (64.0 * k, 44.0 * k, 440.0 * k, 330.0 * k);
+    let (ht, hh) = (t + ph + 56.0 * k, 90.0 * k);
+    let (dark, grid, grey, black) = (rgb("#444444"), rgb("#e5e5e5"), rgb("#888888"), [0, 0, 0]);
+    let mut c = Canvas::new(w as usize, h as usize, [255, 255, 255]);
+    c.text(l + pw / 2.0, 30.0 * k, title, black, 3, Anchor::Middle);
+    for i in 0..=5 {
+        let f = i as f64 / 5.0;
+        let (x, y) = (l + f * pw, t + ph - f * ph);
+        c.line(l, y, l + pw, y, grid, 2.0);
+        c.text(l - 6.0 * k, y + 7.0, &format!("{f:.1}"), black, 2, Anchor::End);
+        c.text(x, t + ph + 20.0 * k, &format!("{f:.1}"), black, 2, Anchor::Middle);
+    }
+    c.dashed(l, t + ph, l + pw, t, grey, 2.0, Some((10.0 * k / 2.0, 8.0 * k / 2.0)));
+    c.stroke_rect(l, t, l + pw, t + ph, dark, 2.0);
+    c.text(l + pw / 2.0, t + ph + 38.0 * k, "confidence", black, 2, Anchor::Middle);
+    c.text_up(18.0 * k, t + ph / 2.0, "accuracy", black, 2);
+    let max_count = curves.iter().flat_map(|(_, c)| c.bins.iter().map(|b| b.count)).max().unwrap_or(1).max(1) as f64;
+    c.text(l - 6.0 * k, ht + hh / 2.0 + 7.0, "n", black, 2, Anchor::End);
+    let ncur = curves.len().max(1) as f64;
+    for (ci, (name, cal)) in curves.iter().enumerate() {
+        let color = rgb(COLORS[ci % COLORS.len()]);
+        let nb = cal.bins.len().max(1) as f64;
+        for (kb, b) in cal.bins.iter().enumerate() {
+            let bw = pw / nb / ncur;
+            let x = l + kb as f64 * pw / nb + ci as f64 * bw;
+            let bh = b.count as f64 / max_count * (hh - 4.0 * k);
+            c.fill_rect(x, ht + hh - bh, x + (bw - k).max(k / 2.0), ht + hh, color, 0.6);
+        }
+        let pts: Vec<(f64, f64)> = cal
+            .bins
+            .iter()
+            .filter(|b| b.count > 0)
+            .map(|b| (l + b.confidence * pw, t + ph - b.accuracy * ph))
+            .collect();
+        for w2 in pts.windows(2) {
+            c.line(w2[0].0, w2[0].1, w2[1].0, w2[1].1, color, 2.0 * k);
+        }
+        for &(x, y) in &pts {
+            c.disc(x, y, 3.5 * k, color);
+        }
+        let (lx, ly) = (l + 12.0 * k, t + 18.0 * k + ci as f64 * 18.0 * k);
+        c.line(lx, ly, lx + 22.0 * k, ly, color, 2.0 * k);
+        let legend = format!("{name}: acc {:.3}, ECE {:.3}, NLL {:.3}", cal.accuracy, cal.ece, cal.nll);
+        c.text(lx + 28.0 * k, ly + 7.0, &legend, black, 2, Anchor::Start);
+    }
+    c.stroke_rect(l, ht, l + pw, ht + hh, dark, 2.0);
+    c.to_png()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +318,22 @@ mod tests {
         assert!(calibration(&[], &[], 10).is_err());
         assert!(calibration(&[vec![0.5, 0.5]], &[0], 0).is_err());
         assert!(calibration(&[vec![f64::NAN, 0.5]], &[0], 10).is_err());
+    }
+
+    #[test]
+    fn png_decodes_and_draws_the_curves_where_the_svg_does() {
+        let c = calibration(&[vec![0.9, 0.1], vec![0.3, 0.7], vec![0.6, 0.4]], &[0, 0, 0], 5).unwrap();
+        let png = reliability_png("reliability: test", &[("mean", &c)]).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        let img = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!((img.width(), img.height()), (1120, 1120));
+        // the first non-empty bin's point: x = l + conf·pw, y = t + ph − acc·ph (SVG units x 2)
+        let b = c.bins.iter().find(|b| b.count > 0).unwrap();
+        let (x, y) = (2.0 * (64.0 + b.confidence * 440.0), 2.0 * (44.0 + 330.0 - b.accuracy * 330.0));
+        assert_eq!(img.get_pixel(x as u32, y as u32).0, [0x1f, 0x77, 0xb4]);
+        // white background in a corner, the frame in dark grey
+        assert_eq!(img.get_pixel(2, 2).0, [255, 255, 255]);
+        assert_eq!(img.get_pixel(2 * 64 + 200, 2 * 44).0, [0x44, 0x44, 0x44]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `calibration.json`: what `pvera calibrate` fits on a calibration split and what predict, eval
 //! and the server apply: per prediction mode (mean, Monte Carlo) the temperature and the conformal
 //! thresholds per score and `α`, with the split, the seed and a hash of the adapter the fit belongs
-//! to. [`CalibrationFile::check_adapter_hash`] refuses a file fitted for another adapter.
+//! to. [`CalibrationFile::check_adapter_hash`] refuses a file fitted for another adapter
+//! ([`Error::StaleCalibration`]). Fitting and applying it: [`crate::predictor::calibrated`].
 //! Read and written as pretty JSON; writes are atomic ([`write_atomic`]). Numbers are read with
 //! [`parse_json_exact`], so every threshold comes back bit for bit (serde_json's default float
 //! parser is best-effort and may land one ulp off).
@@ -99,13 +100,46 @@ pub struct CalibrationSplit {
     /// How the rows were chosen (free text, e.g. "held out of TRAIN_OUT's split, seed 0").
     #[serde(default)]
     pub description: String,
+    /// SHA-256 fingerprint of the data set's contents
+    /// ([`data_fingerprint`](crate::predictor::meta::data_fingerprint)), so an evaluation of the
+    /// same data can leave the calibration rows out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_sha256: Option<String>,
+    /// The test rows set aside with the calibration rows (when the split was made of a training
+    /// run's unused examples): disjoint from `rows` and from the training data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test_rows: Vec<usize>,
+    /// [`rows_hash`] of `test_rows` (when there are test rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_rows_hash: Option<String>,
 }
 
 impl CalibrationSplit {
     /// A split record with its hash.
     pub fn new(data: impl Into<String>, rows: Vec<usize>, description: impl Into<String>) -> Self {
         let rows_hash = rows_hash(&rows);
-        CalibrationSplit { data: data.into(), rows, rows_hash, description: description.into() }
+        CalibrationSplit {
+            data: data.into(),
+            rows,
+            rows_hash,
+            description: description.into(),
+            data_sha256: None,
+            test_rows: Vec::new(),
+            test_rows_hash: None,
+        }
+    }
+
+    /// The same split with the data set's fingerprint recorded.
+    pub fn with_data_sha256(mut self, sha256: impl Into<String>) -> Self {
+        self.data_sha256 = Some(sha256.into());
+        self
+    }
+
+    /// The same split with its test rows (and their hash) recorded.
+    pub fn with_test_rows(mut self, test_rows: Vec<usize>) -> Self {
+        self.test_rows_hash = (!test_rows.is_empty()).then(|| rows_hash(&test_rows));
+        self.test_rows = test_rows;
+        self
     }
 }
 
@@ -133,6 +167,10 @@ pub struct ModeCalibration {
     pub conformal_on_scaled: bool,
     /// One fit per conformity score.
     pub conformal: Vec<ConformalFit>,
+    /// When `conformal_on_scaled`: the same scores fitted on the unscaled probabilities, so an
+    /// evaluation can report conformal sets before and after temperature scaling.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conformal_raw: Vec<ConformalFit>,
 }
 
 impl ModeCalibration {
@@ -185,18 +223,15 @@ impl CalibrationFile {
         }
     }
 
-    /// Refuses a file fitted for another adapter: `hash` is the current adapter's.
-    pub fn check_adapter_hash(&self, hash: &str) -> Result<()> {
+    /// Refuses a file fitted for another adapter with [`Error::StaleCalibration`]: `hash` is the
+    /// current adapter's, `path` the file (for the message).
+    pub fn check_adapter_hash(&self, hash: &str, path: &Path) -> Result<()> {
         if self.adapter_hash != hash {
-            return Err(Error::config(
-                "adapter_hash",
-                format!(
-                    "{CALIBRATION_FILE} was fitted for adapter {} but this adapter hashes to {hash}: the adapter \
-                     changed after calibration, so its temperature and conformal thresholds no longer hold. Re-run \
-                     `pvera calibrate` for this adapter (or turn calibration off)",
-                    self.adapter_hash
-                ),
-            ));
+            return Err(Error::StaleCalibration {
+                path: path.to_path_buf(),
+                file_hash: self.adapter_hash.clone(),
+                adapter_hash: hash.to_string(),
+            });
         }
         Ok(())
     }
@@ -229,6 +264,15 @@ impl CalibrationFile {
                 format!("n = {} but the split lists {} rows", self.n, self.split.rows.len()),
             ));
         }
+        if !self.split.test_rows.is_empty() {
+            let cal: std::collections::HashSet<usize> = self.split.rows.iter().copied().collect();
+            if let Some(r) = self.split.test_rows.iter().find(|r| cal.contains(r)) {
+                return Err(Error::config(
+                    "split.test_rows",
+                    format!("row {r} is both a calibration and a test row; re-run `pvera calibrate`"),
+                ));
+            }
+        }
         for (name, m) in [("mean", Some(&self.mean)), ("mc", self.mc.as_ref())] {
             let Some(m) = m else { continue };
             let t = m.temperature.temperature;
@@ -238,7 +282,7 @@ impl CalibrationFile {
                     format!("got {t}; a temperature must be finite and > 0. Re-run `pvera calibrate`"),
                 ));
             }
-            for f in &m.conformal {
+            for f in m.conformal.iter().chain(&m.conformal_raw) {
                 for th in &f.thresholds {
                     if !(th.alpha > 0.0 && th.alpha < 1.0 && th.quantile.is_finite()) {
                         return Err(Error::config(
@@ -268,7 +312,10 @@ impl CalibrationFile {
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
         let parse_error = |e: serde_json::Error| Error::ConfigParse {
             path: path.display().to_string(),
-            reason: format!("{e}; the file is damaged or was not written by `pvera calibrate`: re-run it"),
+            reason: format!(
+                "{e}; the file is damaged or was not written by `pvera calibrate`: re-run it, or turn calibration off \
+                 (`--no-calibration`)"
+            ),
         };
         let f: CalibrationFile =
             serde_json::from_value(parse_json_exact(text).map_err(parse_error)?).map_err(parse_error)?;

@@ -1,15 +1,21 @@
 //! A labelled evaluation of a classifier's predictions: calibration of the mean mode and of the
 //! Monte Carlo mean, how well the uncertainty scores rank the mistakes (misclassification AUROC),
-//! interval widths, vote unanimity, mutual information, and OOD AUROCs against other sets. The
-//! maths of `pvera eval`, kept here so every front end reports the same figures.
+//! interval widths, vote unanimity, mutual information, and OOD AUROCs against other sets; the
+//! selective figures (AURC, selective accuracy at 80 / 90 % coverage, adaptive ECE), FPR at 95 %
+//! TPR per OOD set and conformal coverage / set size ([`figures`], [`ood_figures`],
+//! [`set_figures`]). The maths of `pvera eval`, kept here so every front end reports the same
+//! figures; "after temperature scaling" is the same functions on
+//! [`Calibrator::temper`](crate::predictor::Calibrator::temper)ed predictions.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 use super::calibration::{calibration, Calibration};
+use super::conformal::{set_summary, ConformalFit, ConformalScore, SetSummary};
 use super::ood::{auroc, OodScores};
 use super::prediction::Prediction;
+use super::selective::{adaptive_ece, confidences_and_correct, fpr95, selective, Selective};
 use super::stats::entropy;
 use crate::error::{Error, Result};
 
@@ -37,6 +43,21 @@ impl ModeScores {
 /// `mean_mode_msp`, `mean_mode_entropy`, `mc_msp`, `mc_entropy`, `mc_mutual_information` (the
 /// Monte Carlo keys only when both sets were sampled).
 pub fn auroc_table(pos: &[ModeScores], neg: &[ModeScores]) -> Result<BTreeMap<String, f64>> {
+    score_table(pos, neg, auroc)
+}
+
+/// FPR at 95 % TPR of every score (positives `pos`, negatives `neg`), keyed as
+/// [`auroc_table`].
+pub fn fpr95_table(pos: &[ModeScores], neg: &[ModeScores]) -> Result<BTreeMap<String, f64>> {
+    score_table(pos, neg, fpr95)
+}
+
+/// `metric(negatives, positives)` of every score, keyed as [`auroc_table`].
+fn score_table(
+    pos: &[ModeScores],
+    neg: &[ModeScores],
+    metric: fn(&[f64], &[f64]) -> Result<f64>,
+) -> Result<BTreeMap<String, f64>> {
     type Get = fn(&ModeScores) -> Option<f64>;
     let rows: [(&str, Get); 5] = [
         ("mean_mode_msp", |s| Some(s.mean_mode.msp)),
@@ -50,7 +71,7 @@ pub fn auroc_table(pos: &[ModeScores], neg: &[ModeScores]) -> Result<BTreeMap<St
         let p: Option<Vec<f64>> = pos.iter().map(get).collect();
         let n: Option<Vec<f64>> = neg.iter().map(get).collect();
         if let (Some(p), Some(n)) = (p, n) {
-            out.insert(name.to_string(), auroc(&n, &p)?);
+            out.insert(name.to_string(), metric(&n, &p)?);
         }
     }
     Ok(out)
@@ -131,15 +152,121 @@ pub fn ood_auroc(in_dist: &[Prediction], ood: &[Prediction]) -> Result<BTreeMap<
     auroc_table(&o, &i)
 }
 
+/// How well each uncertainty score separates an OOD set from the in-distribution predictions.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OodFigures {
+    /// AUROC per score (OOD = positive; 0.5 = chance).
+    pub auroc: BTreeMap<String, f64>,
+    /// False-positive rate at 95 % true-positive rate per score (lower is better).
+    pub fpr95: BTreeMap<String, f64>,
+}
+
+/// [`OodFigures`] of an OOD set against the in-distribution predictions.
+pub fn ood_figures(in_dist: &[Prediction], ood: &[Prediction]) -> Result<OodFigures> {
+    let i: Vec<ModeScores> = in_dist.iter().map(ModeScores::of).collect();
+    let o: Vec<ModeScores> = ood.iter().map(ModeScores::of).collect();
+    Ok(OodFigures { auroc: auroc_table(&o, &i)?, fpr95: fpr95_table(&o, &i)? })
+}
+
+/// Calibration, adaptive ECE and selective-prediction figures of one mode's probabilities.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModeFigures {
+    /// Accuracy, NLL, Brier, equal-width ECE / MCE and the reliability bins.
+    pub calibration: Calibration,
+    /// Equal-mass (adaptive) ECE with as many bins as `calibration`.
+    pub adaptive_ece: f64,
+    /// AURC and selective risk / accuracy at 80 % and 90 % coverage.
+    pub selective: Selective,
+    /// Misclassification AUROC of `1 − max p`: how well the mode's own confidence ranks its own
+    /// mistakes above its right answers (`None` when every prediction is right or every one wrong).
+    pub error_auroc: Option<f64>,
+}
+
+/// [`ModeFigures`] of probability rows against labels with `bins` bins.
+pub fn mode_figures(probs: &[Vec<f64>], labels: &[usize], bins: usize) -> Result<ModeFigures> {
+    let (conf, ok) = confidences_and_correct(probs, labels)?;
+    let (mut wrong, mut right) = (Vec::new(), Vec::new());
+    for (c, ok) in conf.iter().zip(&ok) {
+        if *ok { right.push(1.0 - c) } else { wrong.push(1.0 - c) }
+    }
+    let error_auroc = if wrong.is_empty() || right.is_empty() { None } else { Some(auroc(&right, &wrong)?) };
+    Ok(ModeFigures {
+        calibration: calibration(probs, labels, bins)?,
+        adaptive_ece: adaptive_ece(probs, labels, bins)?.ace,
+        selective: selective(probs, labels)?,
+        error_auroc,
+    })
+}
+
+/// [`ModeFigures`] of both modes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Figures {
+    /// Mean mode.
+    pub mean_mode: ModeFigures,
+    /// Monte Carlo mean (when sampled).
+    pub monte_carlo: Option<ModeFigures>,
+}
+
+/// [`Figures`] of predictions (all sampled or none) against labels.
+pub fn figures(preds: &[Prediction], labels: &[usize], bins: usize) -> Result<Figures> {
+    let mean: Vec<Vec<f64>> = preds.iter().map(|p| p.mean_mode.clone()).collect();
+    let sampled = preds.iter().filter(|p| p.mc.is_some()).count();
+    let monte_carlo = if sampled > 0 && sampled == preds.len() {
+        let mc: Vec<Vec<f64>> = preds.iter().map(|p| p.probs().to_vec()).collect();
+        Some(mode_figures(&mc, labels, bins)?)
+    } else {
+        None
+    };
+    Ok(Figures { mean_mode: mode_figures(&mean, labels, bins)?, monte_carlo })
+}
+
+/// Coverage and size of the conformal sets of one score at one `α`, before temperature scaling
+/// (thresholds fitted on unscaled probabilities, applied to unscaled ones) and after it (fitted
+/// and applied on scaled ones).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SetFigures {
+    /// The conformity score.
+    pub score: ConformalScore,
+    /// Miscoverage level (target coverage `1 − α`).
+    pub alpha: f64,
+    /// Unscaled (when fitted).
+    pub before: Option<SetSummary>,
+    /// Temperature-scaled.
+    pub after: SetSummary,
+}
+
+/// [`SetFigures`] of every fitted score and `α`: `scaled` fits applied to `scaled_probs`, the
+/// matching `raw` fit (same score) to `raw_probs`.
+pub fn set_figures(
+    raw_probs: &[Vec<f64>],
+    scaled_probs: &[Vec<f64>],
+    labels: &[usize],
+    scaled: &[ConformalFit],
+    raw: &[ConformalFit],
+) -> Result<Vec<SetFigures>> {
+    let mut out = Vec::new();
+    for fit in scaled {
+        let rawfit = raw.iter().find(|f| f.score == fit.score);
+        for (k, t) in fit.thresholds.iter().enumerate() {
+            let after = set_summary(t.alpha, &fit.sets_at(scaled_probs, k)?, labels)?;
+            let before = match rawfit.and_then(|f| f.alpha_index(t.alpha).map(|i| (f, i))) {
+                Some((f, i)) => Some(set_summary(t.alpha, &f.sets_at(raw_probs, i)?, labels)?),
+                None => None,
+            };
+            out.push(SetFigures { score: fit.score, alpha: t.alpha, before, after });
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::uncertainty::stats::input_stats;
 
     fn sampled(samples: &[[f64; 2]]) -> Prediction {
         let s: Vec<Vec<f64>> = samples.iter().map(|x| x.to_vec()).collect();
         let mean = vec![s.iter().map(|x| x[0]).sum::<f64>() / s.len() as f64, s.iter().map(|x| x[1]).sum::<f64>() / s.len() as f64];
-        Prediction { mean_mode: mean, mc: Some(input_stats(&s, 0.95).unwrap()) }
+        Prediction::sampled(mean, s, 0.95).unwrap()
     }
 
     #[test]
@@ -160,7 +287,7 @@ mod tests {
 
     #[test]
     fn mean_mode_only_has_no_monte_carlo_figures_and_mixed_kinds_are_refused() {
-        let p = Prediction { mean_mode: vec![0.8, 0.2], mc: None };
+        let p = Prediction::mean_only(vec![0.8, 0.2]);
         let e = evaluate(&[p.clone(), p.clone()], &[0, 1], 5).unwrap();
         assert!(e.monte_carlo.is_none() && e.monte_carlo_extra.is_none());
         assert_eq!(e.mean_mode.accuracy, 0.5);

@@ -5,12 +5,14 @@
 //!   budget), seeded, with the mean-mode prediction alongside.
 //! - [`stats`]: per input, mean probabilities, modal class and vote share, the Student-t interval
 //!   of PEFT's example, predictive / expected entropy, mutual information, variances.
-//! - [`calibration`]: accuracy, NLL, Brier, ECE / MCE, reliability diagram (SVG).
+//! - [`calibration`]: accuracy, NLL, Brier, ECE / MCE, reliability diagram (SVG and PNG).
+//! - [`raster`]: the small RGB canvas the PNG plots are drawn on.
 //! - [`ood`]: MSP / entropy / mutual-information scores and AUROC against a second set.
-//! - [`prediction`]: [`Prediction`], one classified input (mean mode + Monte Carlo statistics)
-//!   and its JSON record.
+//! - [`prediction`]: [`Prediction`], one classified input (mean mode + Monte Carlo samples and
+//!   statistics, and the [`Calibrated`] view once a calibration was applied) and its JSON record.
 //! - [`evaluation`]: a labelled evaluation (both modes' calibration, misclassification and OOD
-//!   AUROCs, interval widths), the figures of `pvera eval`.
+//!   AUROCs, interval widths; AURC, selective accuracy, adaptive ECE, FPR95, conformal coverage
+//!   and set size), the figures of `pvera eval`.
 //! - [`temperature`]: temperature scaling of mean-mode and Monte Carlo logits (fit and apply).
 //! - [`conformal`]: split-conformal LAC / APS / RAPS thresholds and prediction sets (MAPIE-exact),
 //!   coverage and set size.
@@ -32,19 +34,23 @@ pub mod evaluation;
 pub mod mc;
 pub mod ood;
 pub mod prediction;
+pub mod raster;
 pub mod selective;
 pub mod stats;
 pub mod temperature;
 
-pub use calibration::{calibration, reliability_svg, Calibration, ReliabilityBin};
+pub use calibration::{calibration, reliability_png, reliability_svg, Calibration, ReliabilityBin};
 pub use calibration_file::{CalibrationFile, CalibrationSplit, ModeCalibration, CALIBRATION_FILE};
 pub use conformal::{
     empirical_coverage, mean_set_size, set_summary, ConformalFit, ConformalOptions, ConformalScore, ConformalThreshold,
     LastLabel, SetSummary,
 };
-pub use evaluation::{evaluate, ood_auroc, Evaluation, McExtra, ModeScores};
+pub use evaluation::{
+    evaluate, figures, ood_auroc, ood_figures, set_figures, Evaluation, Figures, McExtra, ModeFigures, ModeScores,
+    OodFigures, SetFigures,
+};
 pub use mc::{input_noise_seed, mc_predict, mean_predict, McConfig, McInput, McMode, McNoise, McOutput};
-pub use prediction::Prediction;
+pub use prediction::{Calibrated, Prediction};
 pub use ood::{auroc, OodScores};
 pub use selective::{adaptive_ece, fpr95, selective, AdaptiveCalibration, Selective};
 pub use stats::{input_stats, mean_confidence_interval, t_quantile, InputStats};

@@ -432,7 +432,7 @@ fn sample_file() -> CalibrationFile {
         .map(|&s| calibrate(&scaled, &case.labels_cal, &[0.1, 0.05], s, &options(0)).unwrap())
         .collect();
     let split = CalibrationSplit::new("data.jsonl", (100..300).collect(), "test");
-    let mean = ModeCalibration { samples: 1, temperature, conformal_on_scaled: true, conformal };
+    let mean = ModeCalibration { samples: 1, temperature, conformal_on_scaled: true, conformal, conformal_raw: vec![] };
     CalibrationFile::new("sha256:aaaa", 0, split, mean, None)
 }
 
@@ -451,11 +451,12 @@ fn calibration_file_round_trips_and_refuses_a_stale_adapter() {
     assert!(CalibrationFile::read_beside(dir.path()).unwrap().is_some());
     assert!(CalibrationFile::read_beside(&dir.path().join("nothing")).unwrap().is_none());
 
-    back.check_adapter_hash("sha256:aaaa").unwrap();
-    let e = back.check_adapter_hash("sha256:bbbb").unwrap_err();
+    back.check_adapter_hash("sha256:aaaa", &path).unwrap();
+    let e = back.check_adapter_hash("sha256:bbbb", &path).unwrap_err();
     let msg = e.to_string();
-    assert!(matches!(e, Error::InvalidConfig { .. }), "{e:?}");
+    assert!(matches!(e, Error::StaleCalibration { .. }), "{e:?}");
     assert!(msg.contains("sha256:aaaa") && msg.contains("sha256:bbbb") && msg.contains("pvera calibrate"), "{msg}");
+    assert!(msg.contains(&path.display().to_string()) && msg.contains("--no-calibration"), "{msg}");
 
     // damaged, from the future, nonsense values
     std::fs::write(&path, "{\"format_version\": 1,").unwrap();

@@ -2,6 +2,7 @@
 //! model families against transformers, data loading, training.
 
 mod bad_input;
+mod calibrated;
 mod common;
 mod conformal;
 mod crash_safety;
