@@ -33,9 +33,10 @@ pub struct CommonArgs {
     /// Adapter directory with the trained `classifier` head (e.g. `pvera train`'s OUT/best).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// Monte Carlo samples per input (the latent is sampled in every adapted layer).
-    #[arg(long, default_value_t = 16)]
-    pub samples: usize,
+    /// Monte Carlo samples per input (the latent is sampled in every adapted layer) [default: 16;
+    /// a VeRA adapter, which has no latent, predicts in mean mode and refuses this flag].
+    #[arg(long)]
+    pub samples: Option<usize>,
     /// Confidence level of the Student-t interval of the top-class probability.
     #[arg(long, default_value_t = 0.95)]
     pub confidence: f64,
@@ -138,12 +139,35 @@ fn parse_labels(spec: &str) -> Result<Vec<String>> {
     Ok(spec.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
 }
 
+/// Monte Carlo samples when `--samples` is not given (PVeRA adapters).
+const DEFAULT_SAMPLES: usize = 16;
+
+/// A VeRA adapter has no latent: the sampling flags are refused by name; it predicts in mean mode.
+fn refuse_sampling_flags(args: &CommonArgs) -> Result<()> {
+    let given = [
+        (args.samples.is_some_and(|n| n >= 2), format!("--samples {}", args.samples.unwrap_or(0))),
+        (args.sequential, "--sequential".to_string()),
+        (args.sample_from_config, "--sample-from-config".to_string()),
+        (args.sample_modules.is_some(), "--sample-modules".to_string()),
+    ];
+    if let Some((_, flag)) = given.iter().find(|(on, _)| *on) {
+        usage!(
+            "{flag}: {} is a VeRA adapter, which has no latent to sample, so there are no Monte Carlo samples; \
+             drop the flag (VeRA predicts in mean mode) or use a PVeRA adapter",
+            args.adapter.display()
+        );
+    }
+    Ok(())
+}
+
 /// Validates the shared flags and opens the predictor with the adapter; prints what loading had
-/// to assume (each warning once).
+/// to assume (each warning once). A PVeRA adapter needs at least `min_samples`; a VeRA adapter
+/// runs the mean mode (samples 1).
 fn open(args: &CommonArgs, min_samples: usize) -> Result<(Predictor, PredictConfig)> {
     set_threads(args.threads)?;
-    if args.samples < min_samples {
-        usage!("--samples {}: intervals need at least 2 Monte Carlo samples (16 is usual)", args.samples);
+    // `--samples 1` is the mean mode, which only a VeRA adapter may ask for (checked once loaded).
+    if let Some(n) = args.samples.filter(|&n| n < min_samples && n != 1) {
+        usage!("--samples {n}: intervals need at least 2 Monte Carlo samples (16 is usual)");
     }
     if !(args.confidence > 0.0 && args.confidence < 1.0) {
         usage!("--confidence {}: expected a level strictly between 0 and 1, e.g. 0.95", args.confidence);
@@ -182,6 +206,12 @@ fn open(args: &CommonArgs, min_samples: usize) -> Result<(Predictor, PredictConf
     p.add_adapter(ADAPTER, &args.adapter, &overrides)
         .map_err(request_error)
         .with_context(|| format!("loading adapter {}", args.adapter.display()))?;
+    let samples_latent = p.peft_model().method(ADAPTER)?.samples();
+    if !samples_latent {
+        refuse_sampling_flags(args)?;
+    } else if let Some(n) = args.samples.filter(|&n| n < min_samples) {
+        usage!("--samples {n}: intervals need at least 2 Monte Carlo samples (16 is usual)");
+    }
     if let Some(mods) = &sample_modules {
         let refs: Vec<&str> = mods.iter().map(String::as_str).collect();
         if let Err(e) = p.set_sample_modules(ADAPTER, Some(&refs)) {
@@ -191,7 +221,7 @@ fn open(args: &CommonArgs, min_samples: usize) -> Result<(Predictor, PredictConf
     // Every warning was logged through `tracing` (stderr) as it arose; printed once.
     let _ = p.take_warnings();
     let cfg = PredictConfig {
-        samples: args.samples,
+        samples: if samples_latent { args.samples.unwrap_or(DEFAULT_SAMPLES) } else { 1 },
         confidence: args.confidence,
         seed: Some(args.seed),
         max_rows: args.max_rows,
@@ -301,16 +331,28 @@ pub fn run_predict(args: PredictArgs) -> Result<u8> {
         let j = serde_json::json!({
             "model": args.common.model.display().to_string(),
             "adapter": args.common.adapter.display().to_string(),
-            "labels": labels, "pooling": task.task.pooling.name(), "samples": args.common.samples,
+            "labels": labels, "pooling": task.task.pooling.name(), "samples": cfg.samples,
             "confidence": args.common.confidence, "seed": args.common.seed, "seconds": secs,
             "predictions": rows,
         });
         say!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(0);
     }
+    if cfg.samples < 2 {
+        // A VeRA adapter: the mean mode only.
+        say!("mean mode (a VeRA adapter has no latent to sample); entropy in nats");
+        say!("{:<14} {:>6} {:>7}  input", "class", "p", "entropy");
+        for (pr, n) in preds.iter().zip(&names) {
+            let k = pr.predicted();
+            let entropy = pvera::uncertainty::stats::entropy(&pr.mean_mode);
+            say!("{:<14} {:>6.3} {:>7.4}  {}", short(&labels[k], 14), pr.probability(), entropy, short(n, 60));
+        }
+        say!("{} input(s) in {secs:.2}s", preds.len());
+        return Ok(0);
+    }
     say!(
         "{} Monte Carlo samples per input, {:.0}% Student-t interval of the modal class's probability; entropies in nats",
-        args.common.samples,
+        cfg.samples,
         args.common.confidence * 100.0
     );
     say!(
@@ -428,30 +470,38 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
     }
     let secs = started.elapsed().as_secs_f64();
 
-    let cal_mc = ev.monte_carlo.as_ref().context("the evaluation ran without Monte Carlo samples")?;
-    let extra = ev.monte_carlo_extra.as_ref().context("the evaluation ran without Monte Carlo samples")?;
+    // A VeRA adapter (samples 1) has the mean mode only: the Monte Carlo figures are null.
+    let cal_mc = ev.monte_carlo.as_ref();
+    let extra = ev.monte_carlo_extra.as_ref();
+    let samples_text = if cfg.samples < 2 { "mean mode only".to_string() } else { format!("{} MC samples", cfg.samples) };
     let title = format!(
-        "reliability: {} ({} examples, {} MC samples)",
+        "reliability: {} ({} examples, {samples_text})",
         args.data.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
         preds.len(),
-        args.common.samples
     );
-    let svg = reliability_svg(&title, &[("mean mode", &ev.mean_mode), ("Monte Carlo", cal_mc)]);
+    let mut curves = vec![("mean mode", &ev.mean_mode)];
+    curves.extend(cal_mc.map(|c| ("Monte Carlo", c)));
+    let svg = reliability_svg(&title, &curves);
     let dir = out.create()?;
     write_atomic(&dir.join("reliability.svg"), svg.as_bytes())?;
     let examples: Vec<serde_json::Value> = preds
         .iter()
         .zip(&labels)
         .zip(&idx)
-        .filter_map(|((pr, &y), &i)| {
-            let st = pr.mc.as_ref()?;
-            Some(serde_json::json!({
+        .map(|((pr, &y), &i)| {
+            let Some(st) = pr.mc.as_ref() else {
+                return serde_json::json!({
+                    "index": i, "label": y, "predicted": pr.predicted(), "probability": pr.probability(),
+                    "predictive_entropy": pvera::uncertainty::stats::entropy(&pr.mean_mode),
+                });
+            };
+            serde_json::json!({
                 "index": i, "label": y, "predicted": st.predicted, "probability": st.mean_probs[st.predicted],
                 "vote_share": st.vote_share, "interval": st.interval.map(|(a, b)| vec![a, b]),
                 "predictive_entropy": st.predictive_entropy, "mutual_information": st.mutual_information,
                 "mean_mode_predicted": pvera::uncertainty::stats::argmax(&pr.mean_mode),
                 "mean_mode_probability": pr.mean_mode.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-            }))
+            })
         })
         .collect();
     let report = serde_json::json!({
@@ -460,7 +510,8 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
         "data": args.data.display().to_string(),
         "examples": preds.len(),
         "labels": task.labels,
-        "samples": args.common.samples,
+        "method": p.peft_model().method(ADAPTER)?.name(),
+        "samples": cfg.samples,
         "confidence": args.common.confidence,
         "seed": args.common.seed,
         "bins": args.bins,
@@ -477,27 +528,28 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "eval: {} examples of {}, {} MC samples, {} bins, {:.1}s",
+        "eval: {} examples of {}, {samples_text}, {} bins, {:.1}s",
         preds.len(),
         args.data.display(),
-        args.common.samples,
         args.bins,
         secs
     );
     let _ = writeln!(s, "{:<12} {:>9} {:>8} {:>8} {:>8} {:>8}", "", "accuracy", "NLL", "Brier", "ECE", "MCE");
-    for (name, c) in [("mean mode", &ev.mean_mode), ("Monte Carlo", cal_mc)] {
+    for (name, c) in curves.iter() {
         let _ = writeln!(s, "{name:<12} {:>9.4} {:>8.4} {:>8.4} {:>8.4} {:>8.4}", c.accuracy, c.nll, c.brier, c.ece, c.mce);
     }
-    let _ = writeln!(
-        s,
-        "MC: mean {:.0}% interval width {:.4}; unanimous votes {:.1}%; mean MI {:.5} nats",
-        args.common.confidence * 100.0,
-        extra.mean_interval_width,
-        extra.unanimous_vote_share * 100.0,
-        extra.mean_mutual_information
-    );
-    if let Some(m) = &extra.error_detection_auroc {
-        let _ = writeln!(s, "misclassification AUROC: {}", fmt_auroc(m));
+    if let Some(extra) = extra {
+        let _ = writeln!(
+            s,
+            "MC: mean {:.0}% interval width {:.4}; unanimous votes {:.1}%; mean MI {:.5} nats",
+            args.common.confidence * 100.0,
+            extra.mean_interval_width,
+            extra.unanimous_vote_share * 100.0,
+            extra.mean_mutual_information
+        );
+        if let Some(m) = &extra.error_detection_auroc {
+            let _ = writeln!(s, "misclassification AUROC: {}", fmt_auroc(m));
+        }
     }
     for o in &ood {
         let _ = writeln!(s, "OOD AUROC vs {} ({} inputs): {}", o.data, o.inputs, fmt_auroc(&o.auroc));

@@ -1,4 +1,5 @@
-//! `pvera train`: fine-tune a frozen model with a fresh PVeRA adapter on a local data set.
+//! `pvera train`: fine-tune a frozen model with a fresh PVeRA (or, `--method vera`, VeRA) adapter on
+//! a local data set.
 //!
 //! This file checks flags and paths before any work, opens the data, hands model and data to the
 //! library's `Trainer`, renders its events, and evaluates the best adapter through the library's
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
-use pvera::config::{Bias, LayersToTransform, PveraConfig, TargetModules};
+use pvera::config::{Bias, LayersToTransform, Method, PveraConfig, TargetModules};
 use pvera::data::images::{ImageFolder, ImagePreprocess};
 use pvera::data::split::{train_size_subset, train_val_split, ValSize};
 use pvera::data::text::{CausalLm, CausalLmOptions, Columns, LabelMap, TextClassification, TextTokenizer, TokenizeOptions};
@@ -81,7 +82,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub pad_token: Option<String>,
 
-    // ---- adapter (PEFT's PveraConfig) ----
+    // ---- adapter (PEFT's PveraConfig / VeraConfig) ----
+    /// Adapter method: pvera (probabilistic latent) or vera (PEFT's VeraConfig, no latent).
+    #[arg(long, value_enum, default_value_t = MethodArg::Pvera)]
+    pub method: MethodArg,
     /// Rank of the shared random projections.
     #[arg(long, default_value_t = 256)]
     pub r: i64,
@@ -108,7 +112,7 @@ pub struct TrainArgs {
     /// classification tasks.
     #[arg(long)]
     pub modules_to_save: Option<String>,
-    /// Biases to train: none, all or pvera_only.
+    /// Biases to train: none, all or pvera_only (vera_only).
     #[arg(long, default_value = "none")]
     pub bias: String,
 
@@ -125,7 +129,7 @@ pub struct TrainArgs {
     /// AdamW decoupled weight decay.
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
-    /// β of the KL term of the PVeRA latent.
+    /// β of the KL term of the PVeRA latent (PVeRA only).
     #[arg(long, default_value_t = 0.0)]
     pub kl_weight: f64,
     /// Seed: split, shuffling, head initialisation, dropout.
@@ -181,6 +185,25 @@ pub struct TrainArgs {
     pub show_predictions: usize,
 }
 
+/// `--method`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MethodArg {
+    /// PVeRA (PEFT's PveraConfig).
+    Pvera,
+    /// VeRA (PEFT's VeraConfig).
+    Vera,
+}
+
+impl MethodArg {
+    /// The library's method.
+    pub fn method(self) -> Method {
+        match self {
+            MethodArg::Pvera => Method::Pvera,
+            MethodArg::Vera => Method::Vera,
+        }
+    }
+}
+
 /// Training stopped on a non-finite loss, gradient or variable (exit code 8).
 #[derive(Debug)]
 pub struct Diverged(pub String);
@@ -216,7 +239,7 @@ fn flag_error(e: pvera::Error) -> anyhow::Error {
     match e {
         pvera::Error::InvalidConfig { field, reason } => {
             let flag = match field.as_str() {
-                "pvera_dropout" => "dropout".to_string(),
+                "pvera_dropout" | "vera_dropout" => "dropout".to_string(),
                 "betas" | "eps" | "min_delta" | "restore_best" => field.clone(),
                 f => f.replace('_', "-"),
             };
@@ -228,12 +251,22 @@ fn flag_error(e: pvera::Error) -> anyhow::Error {
 }
 
 fn adapter_config(args: &TrainArgs, model_type: &str, classification: bool) -> Result<PveraConfig> {
-    let mut cfg = PveraConfig { r: args.r, ..PveraConfig::default() };
+    let method = args.method.method();
+    if method == Method::Vera && args.kl_weight != 0.0 {
+        usage!(
+            "--kl-weight {}: a VeRA adapter has no latent, so there is no KL term; drop --kl-weight or use \
+             --method pvera",
+            args.kl_weight
+        );
+    }
+    let mut cfg = PveraConfig { r: args.r, ..PveraConfig::for_method(method) };
     cfg.target_modules = args.target_modules.as_deref().map(parse_target_modules);
-    if cfg.target_modules.is_none() && model_type == "vit" {
-        // PEFT's default table has no ViT entry; the attention's query and value (DINOv2's PEFT
-        // default) are the paper's choice for vision transformers. Written into the config, so
-        // PEFT loads the adapter as it is.
+    if cfg.target_modules.is_none() && pvera::targets::default_target_modules(method, model_type).is_none()
+        && matches!(model_type, "vit" | "dinov2")
+    {
+        // PEFT's default tables have no ViT entry (and VeRA's none for DINOv2); the attention's
+        // query and value (PVeRA's DINOv2 default) are the paper's choice for vision transformers.
+        // Written into the config, so PEFT loads the adapter as it is.
         cfg.target_modules = Some(TargetModules::list(vec!["query".to_string(), "value".to_string()]));
     }
     if let Some(l) = &args.layers_to_transform {
@@ -247,7 +280,7 @@ fn adapter_config(args: &TrainArgs, model_type: &str, classification: bool) -> R
         cfg.layers_to_transform = Some(if v.len() == 1 { LayersToTransform::One(v[0]) } else { LayersToTransform::Many(v) });
     }
     cfg.d_initial = args.d_initial;
-    cfg.pvera_dropout = args.dropout;
+    cfg.dropout = args.dropout;
     cfg.projection_prng_key = args.projection_prng_key;
     cfg.save_projection = args.save_projection;
     // The classifier head of a classification task is always trained; --modules-to-save adds to it.
@@ -870,6 +903,7 @@ fn epoch_line(m: &EpochMetrics, epochs: usize) -> String {
 fn finish(args: &TrainArgs, report: &TrainReport, eval: serde_json::Value, started: Instant) -> Result<u8> {
     write_curves(&args.output, &report.epochs)?;
     let mut json = serde_json::to_value(report)?;
+    json["method"] = serde_json::json!(args.method.method().name());
     json["eval"] = eval;
     json["wall_seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
     pvera::checkpoint::write_atomic(&args.output.join("metrics.json"), (serde_json::to_string_pretty(&json)? + "\n").as_bytes())?;
