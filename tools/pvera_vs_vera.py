@@ -12,7 +12,8 @@
 `run` trains one adapter per (method, seed) with `pvera train --method M --seed S --projection-prng-key S` (so the
 seed moves the split, the shuffling, the head initialisation and the shared projections), then evaluates its best
 adapter on held-out examples the split left unused with `pvera eval --held-out-of` (PVeRA: mean mode and 16 Monte
-Carlo samples; VeRA: mean mode, the only one it has). Runs are sequential, under `nice -n 10`, 2 threads; a run whose
+Carlo samples; VeRA: mean mode, the only one it has). Runs are sequential, under `nice -n 10`, with $PVERA_THREADS threads (default 1: on a shared, loaded 2-core machine
+one thread per run wasted less time waiting at thread barriers than 2); a run whose
 `metrics.json` and `eval/eval.json` exist is skipped, so an interrupted study resumes. Each run appends its flags, wall
 times and the 1-minute load average before / after to `<out>/runs.jsonl`.
 
@@ -59,7 +60,7 @@ TASKS = {
         "eval": ["--model", "{assets}/dinov2s", "--data", "{assets}/fashion-mnist", "--limit", "300"],
     },
 }
-THREADS = "2"
+THREADS = os.environ.get("PVERA_THREADS", "1")
 MC_SAMPLES = "16"
 
 
