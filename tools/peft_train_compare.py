@@ -47,7 +47,8 @@ each point taken from the Rust sources (crates/pvera-cli/src/train.rs, crates/pv
   weight.uniform_(-1/sqrt(in), 1/sqrt(in), generator=g), then the bias the same way. Pooling: mean (over the
   attention mask), cls, or cls-mean-patch = concat(h[:, 0], mean(h[:, 1:])) (Dinov2ForImageClassification).
 * Adapter: PveraConfig(r, target_modules, modules_to_save=["classifier"], d_initial, pvera_dropout,
-  projection_prng_key, save_projection, bias) via get_peft_model; under transformers 5, DINOv2's `query` / `value`
+  projection_prng_key, save_projection, bias) via get_peft_model, or with `--method vera` (as `pvera train
+  --method vera`) VeraConfig with the same fields (vera_dropout); under transformers 5, DINOv2's `query` / `value`
   are called `q_proj` / `v_proj` (pvera accepts both names; the same Linear layers).
   torch.manual_seed(seed) after get_peft_model (pvera seeds its global generator, which draws PVeRA's
   reparametrisation noise, when training starts).
@@ -375,6 +376,7 @@ def main() -> int:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--task", choices=["text-classification", "image-classification"], required=True)
     ap.add_argument("--output", type=Path, required=True)
+    ap.add_argument("--method", default="pvera", choices=["pvera", "vera"])
     ap.add_argument("--r", type=int, default=256)
     ap.add_argument("--target-modules")
     ap.add_argument("--d-initial", type=float, default=0.1)
@@ -409,7 +411,7 @@ def main() -> int:
         torch.set_num_interop_threads(1)
     load_before = loadavg()
     started = time.perf_counter()
-    from peft import PveraConfig, get_peft_model
+    from peft import PveraConfig, VeraConfig, get_peft_model
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, \
         get_linear_schedule_with_warmup
     import peft
@@ -433,11 +435,15 @@ def main() -> int:
     pooling = args.pooling or {"vit": "cls", "dinov2": "cls-mean-patch"}.get(cfg.model_type, "mean")
     model = Classifier(backbone, cfg.hidden_size, len(data.names), pooling, args.seed)
     modules_to_save = [x for x in (args.modules_to_save or "classifier").split(",") if x]
-    pcfg = PveraConfig(
+    common = dict(
         r=args.r, target_modules=target_modules(args.target_modules, backbone), d_initial=args.d_initial,
-        pvera_dropout=args.dropout, projection_prng_key=args.projection_prng_key,
+        projection_prng_key=args.projection_prng_key,
         save_projection=args.save_projection == "true", modules_to_save=modules_to_save or None, bias=args.bias,
     )
+    if args.method == "vera":
+        pcfg = VeraConfig(vera_dropout=args.dropout, **common)
+    else:
+        pcfg = PveraConfig(pvera_dropout=args.dropout, **common)
     pm = get_peft_model(model, pcfg)
     pm.peft_config["default"].base_model_name_or_path = str(args.model)
     torch.manual_seed(args.seed)
@@ -534,6 +540,7 @@ def main() -> int:
     total_s = time.perf_counter() - started
     out = dict(
         tool="tools/peft_train_compare.py", argv=sys.argv[1:], args={k: str(v) for k, v in vars(args).items()},
+        method={"pvera": "PVeRA", "vera": "VeRA"}[args.method],
         trainable_params=n_train_params, total_steps=total, epochs=history, best_epoch=best_epoch,
         best_loss=best_loss, eval=eval_json,
         seconds=dict(load=t_load, train=t_train, eval=t_eval, total=total_s,

@@ -8,6 +8,11 @@
     python3 tools/fetch_assets.py --only minilm,dinov2s       # once: the weights, into the asset cache
     cargo build --release -p pvera-cli                         # the Rust CLI (target/release/pvera)
     python3 tools/real_model_check.py [--cache DIR] [--pvera PATH] [--only minilm,dinov2s] [--python-only]
+    python3 tools/real_model_check.py --method vera [...]      # the same with a PEFT VeRA adapter (VeraConfig)
+
+`--method vera` replaces the PVeRA adapter by a VeRA one (VeraConfig, same r, targets, key, init_weights=False,
+no tempering: nothing is sampled) and runs only the checks VeRA has: base, eval, merged (and eval_legacy for
+DINOv2), under `<cache>/real_check_vera/<model>/`.
 
 For each model, from the asset cache (`<repo>/.cache/assets`, `--cache DIR` or $PVERA_ASSETS; see fetch_assets.py):
 
@@ -173,11 +178,12 @@ def pvera_layers(pm):
     return [(n, mod) for n, mod in pm.named_modules() if isinstance(mod, PveraLayer)]
 
 
-def make_config(model: str, **kw):
-    from peft import PveraConfig
+def make_config(model: str, method: str = "pvera", **kw):
+    from peft import PveraConfig, VeraConfig
 
     targets = None if model == "minilm" else ["q_proj", "v_proj"]
-    return PveraConfig(r=R, target_modules=targets, init_weights=False, **kw)
+    cls = VeraConfig if method == "vera" else PveraConfig
+    return cls(r=R, target_modules=targets, init_weights=False, **kw)
 
 
 def save_adapter(pm, d: Path) -> None:
@@ -227,7 +233,7 @@ def temper(pm) -> None:
                 p.mul_(LAMBDA_D_SCALE)
 
 
-def peft_side(model: str, model_dir: Path, work: Path) -> dict:
+def peft_side(model: str, model_dir: Path, work: Path, method: str = "pvera") -> dict:
     import torch
     from peft import PeftModel, get_peft_model
     from safetensors.torch import save_file
@@ -251,10 +257,11 @@ def peft_side(model: str, model_dir: Path, work: Path) -> dict:
 
     # the adapter (in memory: eval and merged)
     torch.manual_seed(SEED)
-    pm = get_peft_model(base, make_config(model))
-    temper(pm)
+    pm = get_peft_model(base, make_config(model, method))
+    if method == "pvera":
+        temper(pm)
     pm.eval()
-    n_layers = len(pvera_layers(pm))
+    n_layers = len([n for n, p in pm.named_parameters() if "_lambda_d" in n])
     save_adapter(pm, work / "adapter")
     for iname, x in inputs.items():
         expected[f"eval@{iname}"] = forward(pm, x)
@@ -272,6 +279,17 @@ def peft_side(model: str, model_dir: Path, work: Path) -> dict:
         d = float((forward(fresh, x) - expected[f"eval@{iname}"]).abs().max())
         if d != 0.0:
             raise AssertionError(f"{model}: the reloaded adapter gives {d} away from the in-memory one")
+    if method == "vera":
+        # VeRA has no latent: no sampled checks.
+        del fresh
+        if model == "dinov2s":
+            keys = write_legacy_adapter(work / "adapter", work / "adapter_legacy_names")
+            assert any(".attention.attention.query." in k for k in keys)
+            for iname in inputs:
+                expected[f"eval_legacy@{iname}"] = expected[f"eval@{iname}"].clone()
+        save_file(expected, str(work / "expected.safetensors"), metadata={"format": "pt"})
+        return {"inputs": list(inputs), "figures": figures, "adapted_layers": n_layers,
+                "shapes": {k: list(v.shape) for k, v in expected.items() if k.startswith("base@")}}
     # sampled_global: no generator_seed, sampling on everywhere, the global generator seeded before each forward
     for _, layer in pvera_layers(fresh):
         for a in layer.sample_at_inference:
@@ -318,8 +336,13 @@ def peft_side(model: str, model_dir: Path, work: Path) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def checks_for(model: str) -> list[tuple[str, list[str]]]:
+def checks_for(model: str, method: str = "pvera") -> list[tuple[str, list[str]]]:
     """(check, extra `pvera infer` arguments); every check runs on every inputs file of the model."""
+    if method == "vera":
+        c = [("base", []), ("eval", ["--adapter", "adapter"]), ("merged", ["--adapter", "adapter", "--merge"])]
+        if model == "dinov2s":
+            c.append(("eval_legacy", ["--adapter", "adapter_legacy_names"]))
+        return c
     c = [
         ("base", []),
         ("eval", ["--adapter", "adapter"]),
@@ -347,7 +370,8 @@ def find_pvera(path: Path) -> Path:
     return path
 
 
-def rust_side(model: str, model_dir: Path, work: Path, info: dict, pvera: Path, tol: float) -> list[dict]:
+def rust_side(model: str, model_dir: Path, work: Path, info: dict, pvera: Path, tol: float,
+              method: str = "pvera") -> list[dict]:
     import torch
     from safetensors.torch import load_file
 
@@ -355,7 +379,7 @@ def rust_side(model: str, model_dir: Path, work: Path, info: dict, pvera: Path, 
     out_dir = work / "rust"
     out_dir.mkdir(exist_ok=True)
     rows = []
-    for check, extra in checks_for(model):
+    for check, extra in checks_for(model, method):
         for iname in info["inputs"]:
             out = out_dir / f"{check}@{iname}.safetensors"
             out.unlink(missing_ok=True)
@@ -423,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="skip the PEFT side when <cache>/real_check/<model>/case.json exists (Rust side only)")
     ap.add_argument("--tol", type=float, default=TOL, help=f"max abs diff accepted (default {TOL:g})")
+    ap.add_argument("--method", default="pvera", choices=["pvera", "vera"], help="the adapter method (default pvera)")
     args = ap.parse_args(argv)
+    check_dir = "real_check" if args.method == "pvera" else "real_check_vera"
 
     models = list(MODELS)
     if args.only:
@@ -453,17 +479,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {model_dir} is missing: run `python3 tools/fetch_assets.py --only {m}`"
                   + (f" --cache {cache}" if args.cache else ""), file=sys.stderr)
             return 3
-        work = cache / "real_check" / m
+        work = cache / check_dir / m
         case = work / "case.json"
         if args.reuse and case.exists():
             infos[m] = json.loads(case.read_text())
             log(f"[{m}] PEFT side reused from {work}")
             continue
         log(f"[{m}] PEFT side: {model_dir} -> {work}")
-        info = peft_side(m, model_dir, work)
+        info = peft_side(m, model_dir, work, args.method)
         info.update(model=m, model_dir=str(model_dir), recipe="see tools/real_model_check.py docstring",
-                    versions=versions(), r=R, seed=SEED, sample_seed=SAMPLE_SEED,
-                    checks=[{"check": c, "args": a, "tol": args.tol} for c, a in checks_for(m)])
+                    versions=versions(), r=R, seed=SEED, sample_seed=SAMPLE_SEED, method=args.method,
+                    checks=[{"check": c, "args": a, "tol": args.tol} for c, a in checks_for(m, args.method)])
         case.write_text(json.dumps(info, indent=2) + "\n")
         infos[m] = info
         log(f"  {info['adapted_layers']} adapted layers; inputs {info['shapes']}")
@@ -482,11 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"\nRust side: {pvera}")
     rows = []
     for m in models:
-        rows += rust_side(m, cache / m, cache / "real_check" / m, infos[m], pvera, args.tol)
+        rows += rust_side(m, cache / m, cache / check_dir / m, infos[m], pvera, args.tol, args.method)
     print_table(rows)
     passed = sum(r["ok"] for r in rows)
     failed = len(rows) - passed
-    (cache / "real_check" / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (cache / check_dir / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     log(f"\n{passed} passed, {failed} failed")
     if failed == 0:
         return 0

@@ -36,7 +36,8 @@ pub struct InferArgs {
     /// Merge the active adapters into the base weights before the forward pass.
     #[arg(long)]
     pub merge: bool,
-    /// Sample the PVeRA latent in every adapted layer (Monte Carlo); adapters with
+    /// Sample the PVeRA latent in every adapted layer (Monte Carlo; refused when every active
+    /// adapter is a VeRA adapter, which has no latent); adapters with
     /// `generator_seed` use their own per-layer generators exactly as PEFT does.
     #[arg(long)]
     pub sample: bool,
@@ -231,6 +232,13 @@ pub fn run_infer(args: InferArgs) -> Result<u8> {
     pm.state().set_grad_enabled(false)?;
     pm.state().manual_seed(args.seed)?;
     if args.sample {
+        let active = pm.active_adapters();
+        if active.iter().all(|a| pm.method(a).is_ok_and(|m| !m.samples())) {
+            crate::usage!(
+                "--sample: the active adapter(s) {active:?} are VeRA adapters, which have no latent to sample; \
+                 drop --sample (the output is then the adapter's only output) or load a PVeRA adapter"
+            );
+        }
         pm.state().set_sampling(Sampling::Always)?;
     }
     if args.merge {

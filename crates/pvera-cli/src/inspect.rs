@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use pvera::checkpoint::{self, PROJ_A_KEY, PROJ_B_KEY};
+use pvera::checkpoint::{self, proj_a_key, proj_a_name, proj_b_key, proj_b_name};
 use pvera::models::loader::{resolve_model_dir, ModelDir};
 use pvera::peft_model::{format_trainable_line, group_thousands};
 use pvera::validate::{self, AdapterReport, Problem, Severity};
@@ -16,7 +16,7 @@ pub struct Args {
     /// A PEFT adapter directory (adapter_config.json + adapter_model.safetensors). Adapters
     /// saved under other names live in sub-directories; they are listed and inspected too.
     pub dir: PathBuf,
-    /// Regenerate pvera_A / pvera_B from projection_prng_key and compare them bit for bit with
+    /// Regenerate pvera_A / pvera_B (VeRA: vera_A / vera_B) from projection_prng_key and compare them bit for bit with
     /// the stored ones: exit 0 when identical, 3 when not (unless the adapter has errors).
     #[arg(long)]
     pub verify_projections: bool,
@@ -60,8 +60,10 @@ fn inspect_one(report: AdapterReport, args: &Args) -> Result<(Value, Vec<Rendere
         None => Value::Null,
     };
     let warnings = report.config.as_ref().map(|c| c.save_warnings()).unwrap_or_default();
+    let method = report.method;
     let mut v = json!({
         "dir": report.dir.display().to_string(),
+        "method": method.name(),
         "config": config,
         "metadata": report.metadata,
         "tensors": tensors,
@@ -72,7 +74,9 @@ fn inspect_one(report: AdapterReport, args: &Args) -> Result<(Value, Vec<Rendere
         v["print_trainable_parameters"] = json!(format_trainable_line(trainable, b + trainable));
     }
     if args.verify_projections {
-        let stored = report.tensors.contains_key(PROJ_A_KEY) && report.tensors.contains_key(PROJ_B_KEY);
+        let stored = report.tensors.contains_key(proj_a_key(method)) && report.tensors.contains_key(proj_b_key(method));
+        let names = [proj_a_name(method), proj_b_name(method)];
+        let a_rows = if method.samples() { "2r" } else { "r" };
         v["verify_projections"] = match report.projections {
             Some(c) => json!({
                 "stored_projections": true,
@@ -83,12 +87,15 @@ fn inspect_one(report: AdapterReport, args: &Args) -> Result<(Value, Vec<Rendere
                 "identical": c.differ_fma_kernel == 0,
                 "two_rounding_kernel_matches": c.differ_two_rounding_kernel == 0,
                 "rounded_to": c.rounded_to,
+                "projections": names,
             }),
             None => json!({
                 "stored_projections": stored,
                 "comparable": false,
                 "identical": false,
                 "two_rounding_kernel_matches": false,
+                "projections": names,
+                "a_rows": a_rows,
             }),
         };
     }
@@ -233,16 +240,19 @@ fn print_human(v: &Value) {
 }
 
 fn print_verify(ver: &Value) {
+    let name = |i: usize| ver["projections"][i].as_str().unwrap_or(if i == 0 { "pvera_A" } else { "pvera_B" }).to_string();
+    let (a, b) = (name(0), name(1));
     if !ver["stored_projections"].as_bool().unwrap_or(false) {
         println!(
-            "verify-projections: the file stores no pvera_A/pvera_B (save_projection=false); \
+            "verify-projections: the file stores no {a}/{b} (save_projection=false); \
              they are regenerated from projection_prng_key on load; nothing to compare"
         );
         return;
     }
     if !ver["comparable"].as_bool().unwrap_or(false) {
+        let rows = ver["a_rows"].as_str().unwrap_or("2r");
         println!(
-            "verify-projections: pvera_A/pvera_B do not have the shapes (2r, in_max) and (out_max, r) \
+            "verify-projections: {a}/{b} do not have the shapes ({rows}, in_max) and (out_max, r) \
              (see the problems below); nothing to compare"
         );
         return;

@@ -39,9 +39,10 @@ pub struct CommonArgs {
     /// Adapter directory with the trained `classifier` head (e.g. `pvera train`'s OUT/best).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// Monte Carlo samples per input (the latent is sampled in every adapted layer).
-    #[arg(long, default_value_t = 16)]
-    pub samples: usize,
+    /// Monte Carlo samples per input (the latent is sampled in every adapted layer) [default: 16;
+    /// a VeRA adapter, which has no latent, predicts in mean mode and refuses this flag].
+    #[arg(long)]
+    pub samples: Option<usize>,
     /// Confidence level of the Student-t interval of the top-class probability.
     #[arg(long, default_value_t = 0.95)]
     pub confidence: f64,
@@ -198,12 +199,35 @@ fn parse_labels(spec: &str) -> Result<Vec<String>> {
     Ok(spec.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
 }
 
+/// Monte Carlo samples when `--samples` is not given (PVeRA adapters).
+const DEFAULT_SAMPLES: usize = 16;
+
+/// A VeRA adapter has no latent: the sampling flags are refused by name; it predicts in mean mode.
+fn refuse_sampling_flags(args: &CommonArgs) -> Result<()> {
+    let given = [
+        (args.samples.is_some_and(|n| n >= 2), format!("--samples {}", args.samples.unwrap_or(0))),
+        (args.sequential, "--sequential".to_string()),
+        (args.sample_from_config, "--sample-from-config".to_string()),
+        (args.sample_modules.is_some(), "--sample-modules".to_string()),
+    ];
+    if let Some((_, flag)) = given.iter().find(|(on, _)| *on) {
+        usage!(
+            "{flag}: {} is a VeRA adapter, which has no latent to sample, so there are no Monte Carlo samples; \
+             drop the flag (VeRA predicts in mean mode) or use a PVeRA adapter",
+            args.adapter.display()
+        );
+    }
+    Ok(())
+}
+
 /// Validates the shared flags and opens the predictor with the adapter; prints what loading had
-/// to assume (each warning once).
+/// to assume (each warning once). A PVeRA adapter needs at least `min_samples`; a VeRA adapter
+/// runs the mean mode (samples 1).
 pub(crate) fn open(args: &CommonArgs, min_samples: usize) -> Result<(Predictor, PredictConfig)> {
     set_threads(args.threads)?;
-    if args.samples < min_samples {
-        usage!("--samples {}: intervals need at least 2 Monte Carlo samples (16 is usual)", args.samples);
+    // `--samples 1` is the mean mode, which only a VeRA adapter may ask for (checked once loaded).
+    if let Some(n) = args.samples.filter(|&n| n < min_samples && n != 1) {
+        usage!("--samples {n}: intervals need at least 2 Monte Carlo samples (16 is usual)");
     }
     if !(args.confidence > 0.0 && args.confidence < 1.0) {
         usage!("--confidence {}: expected a level strictly between 0 and 1, e.g. 0.95", args.confidence);
@@ -242,6 +266,12 @@ pub(crate) fn open(args: &CommonArgs, min_samples: usize) -> Result<(Predictor, 
     p.add_adapter(ADAPTER, &args.adapter, &overrides)
         .map_err(request_error)
         .with_context(|| format!("loading adapter {}", args.adapter.display()))?;
+    let samples_latent = p.peft_model().method(ADAPTER)?.samples();
+    if !samples_latent {
+        refuse_sampling_flags(args)?;
+    } else if let Some(n) = args.samples.filter(|&n| n < min_samples) {
+        usage!("--samples {n}: intervals need at least 2 Monte Carlo samples (16 is usual)");
+    }
     if let Some(mods) = &sample_modules {
         let refs: Vec<&str> = mods.iter().map(String::as_str).collect();
         if let Err(e) = p.set_sample_modules(ADAPTER, Some(&refs)) {
@@ -251,7 +281,7 @@ pub(crate) fn open(args: &CommonArgs, min_samples: usize) -> Result<(Predictor, 
     // Every warning was logged through `tracing` (stderr) as it arose; printed once.
     let _ = p.take_warnings();
     let cfg = PredictConfig {
-        samples: args.samples,
+        samples: if samples_latent { args.samples.unwrap_or(DEFAULT_SAMPLES) } else { 1 },
         confidence: args.confidence,
         seed: Some(args.seed),
         max_rows: args.max_rows,
@@ -380,7 +410,7 @@ pub fn run_predict(args: PredictArgs) -> Result<u8> {
     let t0 = Instant::now();
     let mut preds = predict_set(&mut p, &set, &args.common, &cfg, "predict")?;
     if let Some(c) = &cal {
-        calibration_notes(c, args.common.samples);
+        calibration_notes(c, cfg.samples);
         c.apply(&mut preds).map_err(request_error)?;
     }
     let secs = t0.elapsed().as_secs_f64();
@@ -392,7 +422,7 @@ pub fn run_predict(args: PredictArgs) -> Result<u8> {
         let j = serde_json::json!({
             "model": args.common.model.display().to_string(),
             "adapter": args.common.adapter.display().to_string(),
-            "labels": labels, "pooling": task.task.pooling.name(), "samples": args.common.samples,
+            "labels": labels, "pooling": task.task.pooling.name(), "samples": cfg.samples,
             "confidence": args.common.confidence, "seed": args.common.seed, "seconds": secs,
             "calibration": cal.as_ref().map(calibration_json),
             "predictions": rows,
@@ -400,9 +430,48 @@ pub fn run_predict(args: PredictArgs) -> Result<u8> {
         say!("{}", serde_json::to_string_pretty(&j)?);
         return Ok(0);
     }
+    if cfg.samples < 2 {
+        // A VeRA adapter: the mean mode only.
+        say!("mean mode (a VeRA adapter has no latent to sample); entropy in nats");
+        if let Some(c) = &cal {
+            say!(
+                "calibrated by {} (T = {:.3}); sets: {} at {:.0}% coverage{}",
+                c.path().display(),
+                c.mode(false).map(|m| m.temperature.temperature).unwrap_or(f64::NAN),
+                c.score(),
+                (1.0 - c.alpha()) * 100.0,
+                args.calibration.abstain_below.map_or(String::new(), |b| format!("; abstain below {b}"))
+            );
+            say!("{:<14} {:>6} {:>6} {:>7}  {:<18} {:<7} input", "class", "p", "cal p", "entropy", "set", "abstain");
+        } else {
+            say!("{:<14} {:>6} {:>7}  input", "class", "p", "entropy");
+        }
+        for (pr, n) in preds.iter().zip(&names) {
+            let k = pr.predicted();
+            let entropy = pvera::uncertainty::stats::entropy(&pr.mean_mode);
+            match &pr.calibrated {
+                Some(c) => {
+                    let set: Vec<&str> = c.prediction_set.iter().map(|&i| labels[i].as_str()).collect();
+                    say!(
+                        "{:<14} {:>6.3} {:>6.3} {:>7.4}  {:<18} {:<7} {}",
+                        short(&labels[k], 14),
+                        pr.probability(),
+                        c.confidence(),
+                        entropy,
+                        short(&format!("{{{}}}", set.join(", ")), 18),
+                        if c.abstain { "yes" } else { "no" },
+                        short(n, 60)
+                    );
+                }
+                None => say!("{:<14} {:>6.3} {:>7.4}  {}", short(&labels[k], 14), pr.probability(), entropy, short(n, 60)),
+            }
+        }
+        say!("{} input(s) in {secs:.2}s", preds.len());
+        return Ok(0);
+    }
     say!(
         "{} Monte Carlo samples per input, {:.0}% Student-t interval of the modal class's probability; entropies in nats",
-        args.common.samples,
+        cfg.samples,
         args.common.confidence * 100.0
     );
     if let Some(c) = &cal {
@@ -601,8 +670,8 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
     }
     out.probe_writable()?;
     if let Some(c) = &cal {
-        calibration_notes(c, args.common.samples);
-        c.mode(true).map_err(request_error)?;
+        calibration_notes(c, cfg.samples);
+        c.mode(cfg.samples >= 2).map_err(request_error)?;
     }
 
     let started = Instant::now();
@@ -615,11 +684,15 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
         None => None,
     };
     let after = tempered.as_ref().map(|t| figures(t, &labels, args.bins)).transpose()?;
-    let conformal: Option<[(&str, Vec<SetFigures>); 2]> = match (&cal, &tempered) {
-        (Some(c), Some(t)) => Some([
-            ("mean mode", mode_sets(c, false, &preds, t, &labels)?),
-            ("Monte Carlo", mode_sets(c, true, &preds, t, &labels)?),
-        ]),
+    // Sets of each mode the run has (a VeRA adapter: the mean mode only).
+    let conformal: Option<Vec<(&str, Vec<SetFigures>)>> = match (&cal, &tempered) {
+        (Some(c), Some(t)) => {
+            let mut v = vec![("mean mode", mode_sets(c, false, &preds, t, &labels)?)];
+            if cfg.samples >= 2 {
+                v.push(("Monte Carlo", mode_sets(c, true, &preds, t, &labels)?));
+            }
+            Some(v)
+        }
         _ => None,
     };
     if let Some(c) = &cal {
@@ -644,15 +717,17 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
     }
     let secs = started.elapsed().as_secs_f64();
 
-    let cal_mc = ev.monte_carlo.as_ref().context("the evaluation ran without Monte Carlo samples")?;
-    let extra = ev.monte_carlo_extra.as_ref().context("the evaluation ran without Monte Carlo samples")?;
+    // A VeRA adapter (samples 1) has the mean mode only: the Monte Carlo figures are null.
+    let cal_mc = ev.monte_carlo.as_ref();
+    let extra = ev.monte_carlo_extra.as_ref();
+    let samples_text = if cfg.samples < 2 { "mean mode only".to_string() } else { format!("{} MC samples", cfg.samples) };
     let title = format!(
-        "reliability: {} ({} examples, {} MC samples)",
+        "reliability: {} ({} examples, {samples_text})",
         args.data.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
         preds.len(),
-        args.common.samples
     );
-    let mut curves: Vec<(&str, &pvera::uncertainty::Calibration)> = vec![("mean mode", &ev.mean_mode), ("Monte Carlo", cal_mc)];
+    let mut curves: Vec<(&str, &pvera::uncertainty::Calibration)> = vec![("mean mode", &ev.mean_mode)];
+    curves.extend(cal_mc.map(|c| ("Monte Carlo", c)));
     if let Some(a) = &after {
         curves.push(("mean mode + T", &a.mean_mode.calibration));
         if let Some(m) = &a.monte_carlo {
@@ -668,20 +743,31 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
         .iter()
         .zip(&labels)
         .zip(&idx)
-        .filter_map(|((pr, &y), &i)| {
-            let st = pr.mc.as_ref()?;
+        .map(|((pr, &y), &i)| {
             let c = pr.calibrated.as_ref();
-            Some(serde_json::json!({
+            let calibrated = serde_json::json!({
+                "calibrated_probability": c.map(|c| c.confidence()),
+                "calibrated_predicted": c.map(|c| pvera::uncertainty::stats::argmax(&c.probs)),
+                "prediction_set": c.map(|c| &c.prediction_set),
+                "abstain": c.map(|c| c.abstain),
+            });
+            let Some(st) = pr.mc.as_ref() else {
+                let mut row = serde_json::json!({
+                    "index": i, "label": y, "predicted": pr.predicted(), "probability": pr.probability(),
+                    "predictive_entropy": pvera::uncertainty::stats::entropy(&pr.mean_mode),
+                });
+                merge_json(&mut row, calibrated);
+                return row;
+            };
+            let mut row = serde_json::json!({
                 "index": i, "label": y, "predicted": st.predicted, "probability": st.mean_probs[st.predicted],
                 "vote_share": st.vote_share, "interval": st.interval.map(|(a, b)| vec![a, b]),
                 "predictive_entropy": st.predictive_entropy, "mutual_information": st.mutual_information,
                 "mean_mode_predicted": pvera::uncertainty::stats::argmax(&pr.mean_mode),
                 "mean_mode_probability": pr.mean_mode.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                "calibrated_probability": c.map(|c| c.confidence()),
-                "calibrated_predicted": c.map(|c| pvera::uncertainty::stats::argmax(&c.probs)),
-                "prediction_set": c.map(|c| &c.prediction_set),
-                "abstain": c.map(|c| c.abstain),
-            }))
+            });
+            merge_json(&mut row, calibrated);
+            row
         })
         .collect();
     let abstained = preds.iter().filter(|x| x.calibrated.as_ref().is_some_and(|c| c.abstain)).count();
@@ -693,7 +779,8 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
         "excluded_calibration_rows": excluded,
         "examples": preds.len(),
         "labels": task.labels,
-        "samples": args.common.samples,
+        "method": p.peft_model().method(ADAPTER)?.name(),
+        "samples": cfg.samples,
         "confidence": args.common.confidence,
         "seed": args.common.seed,
         "bins": args.bins,
@@ -706,7 +793,7 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
             "no calibration.json in the adapter folder (or --no-calibration): figures before temperature scaling only; \
              `pvera calibrate` fits the temperature and the conformal thresholds the after figures need") },
         "figures": {"before": before, "after": after},
-        "conformal": conformal.as_ref().map(|c| serde_json::json!({"mean_mode": c[0].1, "monte_carlo": c[1].1})),
+        "conformal": conformal.as_ref().map(|c| serde_json::json!({"mean_mode": c[0].1, "monte_carlo": c.get(1).map(|m| &m.1)})),
         "abstained": cal.as_ref().map(|_| abstained),
         "ood": ood,
         "seconds": secs,
@@ -717,10 +804,9 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "eval: {} examples of {} ({rows_source}), {} MC samples, {} bins, {:.1}s",
+        "eval: {} examples of {} ({rows_source}), {samples_text}, {} bins, {:.1}s",
         preds.len(),
         args.data.display(),
-        args.common.samples,
         args.bins,
         secs
     );
@@ -791,16 +877,18 @@ pub fn run_eval(args: EvalArgs) -> Result<u8> {
             }
         }
     }
-    let _ = writeln!(
-        s,
-        "MC: mean {:.0}% interval width {:.4}; unanimous votes {:.1}%; mean MI {:.5} nats",
-        args.common.confidence * 100.0,
-        extra.mean_interval_width,
-        extra.unanimous_vote_share * 100.0,
-        extra.mean_mutual_information
-    );
-    if let Some(m) = &extra.error_detection_auroc {
-        let _ = writeln!(s, "misclassification AUROC: {}", fmt_auroc(m));
+    if let Some(extra) = extra {
+        let _ = writeln!(
+            s,
+            "MC: mean {:.0}% interval width {:.4}; unanimous votes {:.1}%; mean MI {:.5} nats",
+            args.common.confidence * 100.0,
+            extra.mean_interval_width,
+            extra.unanimous_vote_share * 100.0,
+            extra.mean_mutual_information
+        );
+        if let Some(m) = &extra.error_detection_auroc {
+            let _ = writeln!(s, "misclassification AUROC: {}", fmt_auroc(m));
+        }
     }
     for o in &ood {
         let _ = writeln!(s, "OOD AUROC vs {} ({} inputs): {}", o.data, o.inputs, fmt_auroc(&o.auroc));
@@ -826,4 +914,11 @@ fn fmt_auroc(m: &std::collections::BTreeMap<String, f64>) -> String {
 
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     pvera::checkpoint::write_atomic(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Adds `extra`'s keys to the JSON object `row`.
+fn merge_json(row: &mut serde_json::Value, extra: serde_json::Value) {
+    if let (Some(r), serde_json::Value::Object(e)) = (row.as_object_mut(), extra) {
+        r.extend(e);
+    }
 }

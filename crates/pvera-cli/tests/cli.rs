@@ -78,7 +78,7 @@ fn verify_projections_exit_codes() {
     assert!(out.contains("DIFFERENT: 1 of 240 elements differ"), "{out}");
     // Projections drawn with torch's two-rounding (no-AVX2) kernel are recognised as such.
     let tmp = copy_with(&fixture("mlp_list/adapter"), |t| {
-        let (a, b) = pvera::projection::generate_raw(0, 4, 20, 20, pvera::TorchKernel::Default);
+        let (a, b) = pvera::projection::generate_raw(pvera::Method::Pvera, 0, 4, 20, 20, pvera::TorchKernel::Default);
         t.insert("base_model.pvera_A".into(), Tensor::from_vec(a, (8, 20), &Device::Cpu).unwrap());
         t.insert("base_model.pvera_B".into(), Tensor::from_vec(b, (20, 4), &Device::Cpu).unwrap());
     });

@@ -353,7 +353,7 @@ fn good_adapters_exit_0_without_problems() {
 fn errors_take_precedence_over_the_verify_projections_exit_code() {
     // Projections drawn with the two-rounding kernel: a note, exit 0; --verify-projections: 3.
     let d = Bad::mlp().tensors(|t| {
-        let (a, b) = pvera::projection::generate_raw(0, 4, 20, 20, pvera::TorchKernel::Default);
+        let (a, b) = pvera::projection::generate_raw(pvera::Method::Pvera, 0, 4, 20, 20, pvera::TorchKernel::Default);
         t.insert(PROJ_A_KEY.into(), Tensor::from_vec(a, (8, 20), &Device::Cpu).unwrap());
         t.insert(PROJ_B_KEY.into(), Tensor::from_vec(b, (20, 4), &Device::Cpu).unwrap());
     });

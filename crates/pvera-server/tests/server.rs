@@ -575,3 +575,50 @@ fn classify_applies_the_adapters_calibration() {
         assert!(r.text.contains(needle), "{body}: {}", r.text);
     }
 }
+
+/// A VeRA adapter serves next to PVeRA ones: its mean-mode answer is the library's, its rows share
+/// a mixed forward with a PVeRA adapter's, and Monte Carlo on it is a 422 that names VeRA.
+#[test]
+fn vera_adapters_serve_next_to_pvera_ones() {
+    use pvera::predictor::{PredictConfig, PredictorOptions, TaskOverrides};
+    use pvera_server::batch::{mean_forward, Block, MergeCache, Rows};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, _) = two_adapters(tmp.path());
+    let v = tmp.path().join("root/v");
+    make_adapter_of(pvera::config::Method::Vera, &v, 7, &["ham", "spam"], 16);
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(v.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], json!("VERA"));
+
+    let opts = PredictorOptions { tokenizer: Some(tokenizer()), ..PredictorOptions::default() };
+    let mut p = pvera::Predictor::open(&bert(), &opts).unwrap();
+    p.add_adapter("a", &a, &TaskOverrides::default()).unwrap();
+    p.add_adapter("v", &v, &TaskOverrides::default()).unwrap();
+    let mean = PredictConfig { samples: 1, ..PredictConfig::default() };
+    let x = p.encode_texts("v", &TEXTS, false).unwrap();
+    let alone = p.predict("v", &x, &mean).unwrap();
+    // mixed with the PVeRA adapter in one forward
+    let rows_a = Rows::Tokens(p.tokenize_texts("a", &TEXTS[..2], false).unwrap());
+    let rows_v = Rows::Tokens(p.tokenize_texts("v", &TEXTS, false).unwrap());
+    let blocks = [Block { adapter: "a", rows: &rows_a }, Block { adapter: "v", rows: &rows_v }];
+    let mut forwards = Vec::new();
+    let out = mean_forward(&mut p, &blocks, 32, &mut MergeCache::new(32), &mut |n| forwards.push(n));
+    assert_eq!(forwards, vec![7]);
+    for (g, w) in out[1].as_ref().unwrap().iter().zip(&alone) {
+        let d = g.mean_mode.iter().zip(&w.mean_mode).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        assert!(d <= 1e-6, "the VeRA rows of a mixed forward moved by {d}");
+    }
+
+    let s = TestServer::start(config(&[("a", &a), ("v", &v)]));
+    let r = post_json(&s.url("/classify"), &json!({"inputs": TEXTS, "adapter": "v"}));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = r.json();
+    for (got, w) in r["predictions"].as_array().unwrap().iter().zip(&alone) {
+        assert!(max_diff(&got["mean_mode"]["probs"], &json!(w.mean_mode)) <= 1e-6, "{got}");
+    }
+    let r = post_json(&s.url("/classify"), &json!({"inputs": TEXTS[0], "adapter": "v", "samples": 4}));
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert!(r.text.contains("VeRA"), "{}", r.text);
+    let r = post_json(&s.url("/embed"), &json!({"inputs": TEXTS[0], "adapter": "v", "samples": 4}));
+    assert_eq!(r.status, 422, "{}", r.text);
+}

@@ -9,6 +9,10 @@
 //! | λ_b | `base_model.model.<path>.pvera_lambda_b` |
 //! | λ_d | `base_model.model.<path>.pvera_lambda_d` |
 //! | A, B (only with `save_projection`) | `base_model.pvera_A`, `base_model.pvera_B` |
+//!
+//! A VeRA adapter (`peft_type` `"VERA"`) spells them `vera_lambda_b`, `vera_lambda_d`,
+//! `base_model.vera_A`, `base_model.vera_B`; every function here that spells or reads a key takes
+//! the [`Method`].
 //! | modules_to_save | `base_model.model.<path>.<param>` |
 //! | bias of a targeted layer | `base_model.model.<path>.base_layer.bias` |
 //! | bias of another layer (`bias="all"`) | `base_model.model.<path>.bias` |
@@ -24,7 +28,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
 
-use crate::config::PveraConfig;
+use crate::config::{Method, PveraConfig};
 use crate::error::{Error, Result};
 
 /// The config file name.
@@ -33,22 +37,62 @@ pub const CONFIG_NAME: &str = "adapter_config.json";
 pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
 /// The legacy pickle weights file PEFT writes with `safe_serialization=False`.
 pub const LEGACY_WEIGHTS_NAME: &str = "adapter_model.bin";
-/// Key of the shared A projection.
+/// Key of the shared A projection of a PVeRA adapter.
 pub const PROJ_A_KEY: &str = "base_model.pvera_A";
-/// Key of the shared B projection.
+/// Key of the shared B projection of a PVeRA adapter.
 pub const PROJ_B_KEY: &str = "base_model.pvera_B";
+/// Key of the shared A projection of a VeRA adapter.
+pub const VERA_PROJ_A_KEY: &str = "base_model.vera_A";
+/// Key of the shared B projection of a VeRA adapter.
+pub const VERA_PROJ_B_KEY: &str = "base_model.vera_B";
 /// Prefix of every model tensor in an adapter file.
 pub const MODEL_PREFIX: &str = "base_model.model.";
 /// PEFT's name of the adapter that lives at the top of a directory.
 pub const DEFAULT_ADAPTER: &str = "default";
 
+/// Key of the shared A projection of `method`'s adapters.
+pub fn proj_a_key(method: Method) -> &'static str {
+    match method {
+        Method::Pvera => PROJ_A_KEY,
+        Method::Vera => VERA_PROJ_A_KEY,
+    }
+}
+/// Key of the shared B projection of `method`'s adapters.
+pub fn proj_b_key(method: Method) -> &'static str {
+    match method {
+        Method::Pvera => PROJ_B_KEY,
+        Method::Vera => VERA_PROJ_B_KEY,
+    }
+}
+/// The name of the A projection in messages (`pvera_A` / `vera_A`).
+pub fn proj_a_name(method: Method) -> &'static str {
+    &proj_a_key(method)["base_model.".len()..]
+}
+/// The name of the B projection in messages (`pvera_B` / `vera_B`).
+pub fn proj_b_name(method: Method) -> &'static str {
+    &proj_b_key(method)["base_model.".len()..]
+}
+/// The leaf name of λ_b (`pvera_lambda_b` / `vera_lambda_b`).
+pub fn lambda_b_name(method: Method) -> &'static str {
+    match method {
+        Method::Pvera => "pvera_lambda_b",
+        Method::Vera => "vera_lambda_b",
+    }
+}
+/// The leaf name of λ_d (`pvera_lambda_d` / `vera_lambda_d`).
+pub fn lambda_d_name(method: Method) -> &'static str {
+    match method {
+        Method::Pvera => "pvera_lambda_d",
+        Method::Vera => "vera_lambda_d",
+    }
+}
 /// Key of λ_b for a module.
-pub fn lambda_b_key(path: &str) -> String {
-    format!("{MODEL_PREFIX}{path}.pvera_lambda_b")
+pub fn lambda_b_key(method: Method, path: &str) -> String {
+    format!("{MODEL_PREFIX}{path}.{}", lambda_b_name(method))
 }
 /// Key of λ_d for a module.
-pub fn lambda_d_key(path: &str) -> String {
-    format!("{MODEL_PREFIX}{path}.pvera_lambda_d")
+pub fn lambda_d_key(method: Method, path: &str) -> String {
+    format!("{MODEL_PREFIX}{path}.{}", lambda_d_name(method))
 }
 /// Key of a `modules_to_save` parameter (`param` is `weight` or `bias`).
 pub fn module_param_key(path: &str, param: &str) -> String {
@@ -64,13 +108,36 @@ pub fn bias_key(path: &str, targeted: bool) -> String {
     }
 }
 
-/// Splits a λ key into (module path, "b" | "d").
-pub fn parse_lambda_key(key: &str) -> Option<(&str, char)> {
+/// Splits a λ key of `method` into (module path, "b" | "d").
+pub fn parse_lambda_key(method: Method, key: &str) -> Option<(&str, char)> {
     let rest = key.strip_prefix(MODEL_PREFIX)?;
-    if let Some(p) = rest.strip_suffix(".pvera_lambda_b") {
+    if let Some(p) = strip_leaf(rest, lambda_b_name(method)) {
         Some((p, 'b'))
     } else {
-        rest.strip_suffix(".pvera_lambda_d").map(|p| (p, 'd'))
+        strip_leaf(rest, lambda_d_name(method)).map(|p| (p, 'd'))
+    }
+}
+
+/// `path` of `path.leaf`.
+fn strip_leaf<'a>(key: &'a str, leaf: &str) -> Option<&'a str> {
+    key.strip_suffix(leaf).and_then(|p| p.strip_suffix('.'))
+}
+
+/// The method whose λ or projection keys a file's keys use: the one with more such keys (PVeRA
+/// when none or a tie). For telling a file's method when its config cannot be read.
+pub fn method_of_keys<'a>(keys: impl IntoIterator<Item = &'a String>) -> Method {
+    let mut count = [0usize; 2];
+    for k in keys {
+        for (i, m) in Method::ALL.into_iter().enumerate() {
+            if !matches!(classify_key(m, k), KeyKind::Other | KeyKind::ModuleParam { .. } | KeyKind::TargetedBias { .. }) {
+                count[i] += 1;
+            }
+        }
+    }
+    if count[1] > count[0] {
+        Method::Vera
+    } else {
+        Method::Pvera
     }
 }
 
@@ -383,20 +450,20 @@ pub fn parse_safetensors_each(
     Ok((each, metadata))
 }
 
-/// What a key of an adapter file holds: the reverse of [`lambda_b_key`], [`lambda_d_key`],
-/// [`bias_key`] and [`module_param_key`].
+/// What a key of an adapter file of one method holds: the reverse of [`lambda_b_key`],
+/// [`lambda_d_key`], [`proj_a_key`], [`proj_b_key`], [`bias_key`] and [`module_param_key`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyKind<'a> {
-    /// `pvera_lambda_b` (`'b'`) or `pvera_lambda_d` (`'d'`) of the module at `path`.
+    /// `<stem>_lambda_b` (`'b'`) or `<stem>_lambda_d` (`'d'`) of the module at `path`.
     Lambda {
         /// Module path (after `base_model.model.`).
         path: &'a str,
         /// `'b'` or `'d'`.
         which: char,
     },
-    /// [`PROJ_A_KEY`].
+    /// [`proj_a_key`].
     ProjectionA,
-    /// [`PROJ_B_KEY`].
+    /// [`proj_b_key`].
     ProjectionB,
     /// `<path>.base_layer.bias`: the trainable bias of an adapted layer (`bias` != `none`).
     TargetedBias {
@@ -411,20 +478,29 @@ pub enum KeyKind<'a> {
         /// `weight` or `bias`.
         param: &'a str,
     },
-    /// Anything else: no PVeRA adapter file has such a key.
+    /// Anything else: no adapter file of this method has such a key (the other method's λ's and
+    /// projections included).
     Other,
 }
 
-/// Classifies a key of an adapter file (see [`KeyKind`]).
-pub fn classify_key(key: &str) -> KeyKind<'_> {
-    if key == PROJ_A_KEY {
+/// Classifies a key of an adapter file of `method` (see [`KeyKind`]).
+pub fn classify_key(method: Method, key: &str) -> KeyKind<'_> {
+    if key == proj_a_key(method) {
         return KeyKind::ProjectionA;
     }
-    if key == PROJ_B_KEY {
+    if key == proj_b_key(method) {
         return KeyKind::ProjectionB;
     }
-    if let Some((path, which)) = parse_lambda_key(key) {
+    if let Some((path, which)) = parse_lambda_key(method, key) {
         return KeyKind::Lambda { path, which };
+    }
+    // The other method's λ's and projections belong to no part of this adapter.
+    let other = match method {
+        Method::Pvera => Method::Vera,
+        Method::Vera => Method::Pvera,
+    };
+    if key == proj_a_key(other) || key == proj_b_key(other) || parse_lambda_key(other, key).is_some() {
+        return KeyKind::Other;
     }
     let Some(rest) = key.strip_prefix(MODEL_PREFIX) else {
         return KeyKind::Other;
@@ -440,4 +516,70 @@ pub fn classify_key(key: &str) -> KeyKind<'_> {
         }
     }
     KeyKind::Other
+}
+
+// ---- the loader's projection messages (shared by `peft_model/load.rs` and `validate.rs`) ----------
+
+/// The loader's error for a checkpoint without `pvera_A` (`vera_A`) under `save_projection=true`
+/// (PEFT's message plus the fix).
+pub(crate) fn missing_projections(method: Method, file: &str) -> Error {
+    let (a, b) = (proj_a_name(method), proj_b_name(method));
+    Error::MissingTensor {
+        file: file.to_string(),
+        key: proj_a_key(method).into(),
+        hint: format!(
+            ": Specified to load {a} and {b} from state dictionary however \
+             they were not present! (the config says save_projection=true; if the \
+             projections were deliberately left out, set \"save_projection\": false \
+             in adapter_config.json to regenerate them from projection_prng_key)"
+        ),
+    }
+}
+
+/// The loader's error for a checkpoint with `pvera_A` but no `pvera_B` whose A is not the
+/// regenerated one.
+pub(crate) fn unrecoverable_b(method: Method, file: &str, projection_prng_key: i128, diff: usize) -> Error {
+    let (a, b) = (proj_a_name(method), proj_b_name(method));
+    Error::MissingTensor {
+        file: file.to_string(),
+        key: proj_b_key(method).into(),
+        hint: format!(
+            ": the file has {a} but no {b}, and its {a} differs from the \
+             one regenerated from projection_prng_key={projection_prng_key} in {diff} elements, so B \
+             cannot be recovered (PEFT would silently use a regenerated B). Re-save \
+             the adapter with both projections."
+        ),
+    }
+}
+
+/// The loader's warning for a checkpoint with `pvera_A` (equal to the regenerated one) but no
+/// `pvera_B`.
+pub(crate) fn regenerated_b_warning(method: Method, file: &str, projection_prng_key: i128) -> String {
+    let (a, b) = (proj_a_name(method), proj_b_name(method));
+    format!(
+        "{file}: {b} is missing (PEFT silently regenerates it); {a} equals the \
+         projection regenerated from projection_prng_key={projection_prng_key}, so the regenerated B is used"
+    )
+}
+
+/// The loader's warning for `save_projection=false` with stored projections that differ from the
+/// regenerated ones (`da` + `db` elements).
+pub(crate) fn stored_projections_ignored_warning(method: Method, file: &str, da: usize, db: usize) -> String {
+    let (a, b) = (proj_a_name(method), proj_b_name(method));
+    format!(
+        "{file}: save_projection=false but the file carries {a}/{b} that \
+         differ from the regenerated ones ({da} + {db} elements); pvera uses the \
+         stored projections, PEFT would ignore them and give different outputs"
+    )
+}
+
+/// The loader's warning for `save_projection=false` with a stored A (differing in `da` elements)
+/// and no B.
+pub(crate) fn stored_a_ignored_warning(method: Method, file: &str, da: usize) -> String {
+    let (a, b) = (proj_a_name(method), proj_b_name(method));
+    format!(
+        "{file}: save_projection=false; the stored {a} differs from the \
+         regenerated one in {da} elements and there is no {b}; using the \
+         regenerated projections, as PEFT does"
+    )
 }

@@ -1,5 +1,13 @@
-//! `PveraConfig`: the adapter configuration, read from and written to `adapter_config.json` exactly as
-//! Hugging Face PEFT 0.21.2 does.
+//! `PveraConfig`: the adapter configuration of a PVeRA or a VeRA adapter, read from and written to
+//! `adapter_config.json` exactly as Hugging Face PEFT 0.21.2 does (`PveraConfig` / `VeraConfig`).
+//!
+//! # One type, two methods
+//!
+//! PEFT's `VeraConfig` is `PveraConfig` without the two sampling fields (`sample_at_inference`,
+//! `generator_seed`) and with `vera_dropout` for `pvera_dropout`; every other field, default and
+//! check is the same. So one type holds both, told apart by [`PveraConfig::method`] (read from
+//! `peft_type`: `"PVERA"` or `"VERA"`, [`Method`]). A VeRA config is written without the sampling
+//! fields, and refuses them in [`PveraConfig::validate`] (VeRA has no latent to sample).
 //!
 //! # File format
 //!
@@ -35,6 +43,100 @@ pub const PEFT_VERSION: &str = "0.21.2";
 /// The `peft_type` of every PVeRA config.
 pub const PEFT_TYPE: &str = "PVERA";
 
+/// The `peft_type` of every VeRA config.
+pub const VERA_PEFT_TYPE: &str = "VERA";
+
+/// The adapter method: PVeRA (a probabilistic latent, `mu | logvar`) or VeRA (its deterministic
+/// parent). Read from `peft_type`; everything the two share runs through one code path, and the
+/// places where they differ ask this (docs/peft-behaviour.md §9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Method {
+    /// PEFT's `PveraConfig` (`peft_type` `"PVERA"`): `A` is `(2r, in)`, `λ_d` has `2r` entries, the
+    /// latent can be sampled.
+    #[default]
+    Pvera,
+    /// PEFT's `VeraConfig` (`peft_type` `"VERA"`): `A` is `(r, in)`, `λ_d` has `r` entries, nothing is
+    /// sampled.
+    Vera,
+}
+
+impl Method {
+    /// Both methods.
+    pub const ALL: [Method; 2] = [Method::Pvera, Method::Vera];
+
+    /// The `peft_type` value (`"PVERA"` / `"VERA"`).
+    pub fn peft_type(self) -> &'static str {
+        match self {
+            Method::Pvera => PEFT_TYPE,
+            Method::Vera => VERA_PEFT_TYPE,
+        }
+    }
+
+    /// The method of a `peft_type` value, if it is one of the two.
+    pub fn from_peft_type(s: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.peft_type() == s)
+    }
+
+    /// The method's name in prose (`"PVeRA"` / `"VeRA"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Pvera => "PVeRA",
+            Method::Vera => "VeRA",
+        }
+    }
+
+    /// The lower-case stem PEFT builds its names from (`pvera_dropout`, `pvera_lambda_b`, the
+    /// `pvera_only` bias; `vera_...`). The tensor keys themselves are spelled in
+    /// [`crate::checkpoint`].
+    pub fn stem(self) -> &'static str {
+        match self {
+            Method::Pvera => "pvera",
+            Method::Vera => "vera",
+        }
+    }
+
+    /// Rows of the projection `A` and entries of `λ_d` for rank `r`: `2r` for PVeRA (mean and
+    /// log-variance halves), `r` for VeRA.
+    pub fn latent_rows(self, r: usize) -> usize {
+        match self {
+            Method::Pvera => 2 * r,
+            Method::Vera => r,
+        }
+    }
+
+    /// Whether the adapter has a latent to sample (PVeRA): Monte Carlo prediction, sampling at
+    /// inference and the KL term exist only then.
+    pub fn samples(self) -> bool {
+        matches!(self, Method::Pvera)
+    }
+
+    /// PEFT's class name of the model wrapper (`PveraModel` / `VeraModel`), as its messages use it.
+    pub fn model_class(self) -> &'static str {
+        match self {
+            Method::Pvera => "PveraModel",
+            Method::Vera => "VeraModel",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    /// `pvera` / `vera` (any case), or the `peft_type` spellings.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "pvera" => Ok(Method::Pvera),
+            "vera" => Ok(Method::Vera),
+            _ => Err(format!("unknown method {s:?}: expected pvera or vera")),
+        }
+    }
+}
+
 /// File name of the config inside an adapter directory (PEFT's `CONFIG_NAME`).
 pub const CONFIG_NAME: &str = "adapter_config.json";
 
@@ -50,6 +152,11 @@ pub const SAVE_PROJECTION_WARNING: &str = "Specified to not save pvera_A and pve
 instead they will be restored using the PRNG key store in `config.projection_prng_key`. Consider setting \
 `config.save_projection` to `True` to guarantee restoring the checkpoint correctly on all system configurations.";
 
+/// The same warning from `VeraConfig.__post_init__`.
+pub const VERA_SAVE_PROJECTION_WARNING: &str = "Specified to not save vera_A and vera_B within the state dictionary, \
+instead they will be restored using the PRNG key store in `config.projection_prng_key`. Consider setting \
+`config.save_projection` to `True` to guarantee restoring the checkpoint correctly on all system configurations.";
+
 /// PEFT's error text when `layers_pattern` is given without `layers_to_transform` (trailing space included).
 pub const LAYERS_PATTERN_WITHOUT_LAYERS_MESSAGE: &str =
     "When `layers_pattern` is specified, `layers_to_transform` must also be specified. ";
@@ -58,6 +165,30 @@ pub const LAYERS_PATTERN_WITHOUT_LAYERS_MESSAGE: &str =
 pub const MANUAL_SEED_MIN: i128 = -(1i128 << 63);
 /// One past the largest value `torch.Generator.manual_seed` accepts (`2^64`).
 pub const MANUAL_SEED_END: i128 = 1i128 << 64;
+
+/// Field names PEFT 0.21.2 writes for a `VeraConfig`: [`KNOWN_KEYS`] without `generator_seed` and
+/// `sample_at_inference`, with `vera_dropout` for `pvera_dropout`.
+pub const VERA_KNOWN_KEYS: [&str; 19] = [
+    "auto_mapping",
+    "base_model_name_or_path",
+    "bias",
+    "d_initial",
+    "fan_in_fan_out",
+    "inference_mode",
+    "init_weights",
+    "layers_pattern",
+    "layers_to_transform",
+    "modules_to_save",
+    "peft_type",
+    "peft_version",
+    "projection_prng_key",
+    "r",
+    "revision",
+    "save_projection",
+    "target_modules",
+    "task_type",
+    "vera_dropout",
+];
 
 /// Field names PEFT 0.21.2 writes for a `PveraConfig` (the dataclass fields, `peft_type` included).
 pub const KNOWN_KEYS: [&str; 21] = [
@@ -298,10 +429,15 @@ impl SampleAtInference {
 // PveraConfig
 // =================================================================================================
 
-/// The PVeRA adapter configuration (`peft.PveraConfig` of PEFT 0.21.2, with `PeftConfig`'s fields).
+/// The adapter configuration: `peft.PveraConfig` or `peft.VeraConfig` of PEFT 0.21.2 (with
+/// `PeftConfig`'s fields), by [`PveraConfig::method`]. `PveraConfig::default()` is PEFT's
+/// `PveraConfig()`; [`PveraConfig::for_method`] gives `VeraConfig()`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PveraConfig {
-    /// Rank `r`: `A` is `[2r, IN]`, `B` is `[OUT, r]`, `λ_d` has `2r` entries. Default 256.
+    /// PVeRA or VeRA (`peft_type`). Default PVeRA.
+    pub method: Method,
+    /// Rank `r`: `A` is `[2r, IN]` (VeRA: `[r, IN]`), `B` is `[OUT, r]`, `λ_d` has `2r` (VeRA: `r`)
+    /// entries. Default 256.
     pub r: i64,
     /// Which modules to adapt; `None` means "use the model type's defaults"
     /// ([`crate::targets::default_target_modules`]).
@@ -311,9 +447,9 @@ pub struct PveraConfig {
     pub projection_prng_key: i128,
     /// Whether `A` and `B` are saved in the checkpoint. Default `true`.
     pub save_projection: bool,
-    /// Dropout probability on the adapter input. Default 0.0.
-    pub pvera_dropout: f64,
-    /// Initial value of all `2r` entries of `λ_d`. Default 0.1.
+    /// Dropout probability on the adapter input (`pvera_dropout` / `vera_dropout`). Default 0.0.
+    pub dropout: f64,
+    /// Initial value of every entry of `λ_d`. Default 0.1.
     pub d_initial: f64,
     /// Whether weights are stored `(in, out)` (GPT-2 `Conv1D`). PEFT overwrites it per layer type.
     pub fan_in_fan_out: bool,
@@ -328,9 +464,11 @@ pub struct PveraConfig {
     pub layers_to_transform: Option<LayersToTransform>,
     /// Name(s) of the layer list used to find the layer index.
     pub layers_pattern: Option<LayersPattern>,
-    /// Whether to sample at inference. Default `false`.
+    /// Whether to sample at inference. Default `false`. PVeRA only: a VeRA config has no such field
+    /// (it must stay `false`).
     pub sample_at_inference: SampleAtInference,
-    /// Seed of the per-layer sampling generator; `None` uses the global RNG.
+    /// Seed of the per-layer sampling generator; `None` uses the global RNG. PVeRA only (`None` for
+    /// VeRA).
     pub generator_seed: Option<i128>,
     /// `PeftConfig.base_model_name_or_path`.
     pub base_model_name_or_path: Option<String>,
@@ -357,11 +495,12 @@ impl Default for PveraConfig {
     /// PEFT 0.21.2's `PveraConfig()`.
     fn default() -> Self {
         PveraConfig {
+            method: Method::Pvera,
             r: 256,
             target_modules: None,
             projection_prng_key: 0,
             save_projection: true,
-            pvera_dropout: 0.0,
+            dropout: 0.0,
             d_initial: 0.1,
             fan_in_fan_out: false,
             bias: Bias::None,
@@ -383,11 +522,40 @@ impl Default for PveraConfig {
 }
 
 impl PveraConfig {
+    /// PEFT's `PveraConfig()` or `VeraConfig()`: the defaults, which the two share.
+    pub fn for_method(method: Method) -> Self {
+        PveraConfig { method, ..PveraConfig::default() }
+    }
+
+    /// The field names PEFT writes for this config's method ([`KNOWN_KEYS`] / [`VERA_KNOWN_KEYS`]).
+    pub fn known_keys(&self) -> &'static [&'static str] {
+        match self.method {
+            Method::Pvera => &KNOWN_KEYS,
+            Method::Vera => &VERA_KNOWN_KEYS,
+        }
+    }
+
+    /// The name of the dropout field in the file (`pvera_dropout` / `vera_dropout`).
+    pub fn dropout_key(&self) -> &'static str {
+        match self.method {
+            Method::Pvera => "pvera_dropout",
+            Method::Vera => "vera_dropout",
+        }
+    }
+
+    /// PEFT's `save_projection=False` warning for this method.
+    pub fn save_projection_warning(&self) -> &'static str {
+        match self.method {
+            Method::Pvera => SAVE_PROJECTION_WARNING,
+            Method::Vera => VERA_SAVE_PROJECTION_WARNING,
+        }
+    }
+
     /// Parses the text of an `adapter_config.json`. `source` names the file in error messages.
     ///
     /// Accepts every file PEFT 0.21.2 writes. Missing keys take PEFT's defaults. Checks done here: JSON
-    /// syntax (Python's `json` dialect), `peft_type == "PVERA"` (required, as `PeftModel.from_pretrained`
-    /// requires it), the type of every known field, `bias`, and the two checks PEFT makes when it
+    /// syntax (Python's `json` dialect), `peft_type` `"PVERA"` or `"VERA"` (required, as
+    /// `PeftModel.from_pretrained` requires it; it sets [`PveraConfig::method`]), the type of every known field, `bias`, and the two checks PEFT makes when it
     /// constructs the config while loading (`task_type` and `layers_pattern` without
     /// `layers_to_transform`). Everything else is left to [`PveraConfig::validate`], since PEFT loads
     /// such files too (e.g. `r = 0` fails only at injection).
@@ -406,31 +574,36 @@ impl PveraConfig {
             }
         };
         // `peft_type` first: another method's config is reported as such, not as a type error.
-        match entries.iter().find(|(k, _)| k == "peft_type").map(|(_, v)| v) {
+        let method = match entries.iter().find(|(k, _)| k == "peft_type").map(|(_, v)| v) {
             None => {
                 return Err(Error::ConfigParse {
                     path: source.to_string(),
                     reason: "missing the required key `peft_type` (PEFT refuses such files too); a PVeRA \
-                             adapter has \"peft_type\": \"PVERA\""
+                             adapter has \"peft_type\": \"PVERA\", a VeRA adapter \"peft_type\": \"VERA\""
                         .to_string(),
                 })
             }
-            Some(PyJson::Str(s)) if s == PEFT_TYPE => {}
-            Some(PyJson::Str(s)) => return Err(Error::WrongPeftType { path: source.to_string(), found: s.clone() }),
+            Some(PyJson::Str(s)) => match Method::from_peft_type(s) {
+                Some(m) => m,
+                None => return Err(Error::WrongPeftType { path: source.to_string(), found: s.clone() }),
+            },
             Some(other) => {
                 return Err(Error::ConfigParse {
                     path: source.to_string(),
-                    reason: format!("field `peft_type`: expected the string \"PVERA\", found {}", describe(other)),
+                    reason: format!(
+                        "field `peft_type`: expected the string \"PVERA\" or \"VERA\", found {}",
+                        describe(other)
+                    ),
                 })
             }
-        }
+        };
         let in_file = |e: Error| match e {
             Error::InvalidConfig { field, reason } => {
                 Error::InvalidConfig { field, reason: format!("{reason} (in {source})") }
             }
             other => other,
         };
-        let cfg = Self::from_entries(entries, source).map_err(in_file)?;
+        let cfg = Self::from_entries(entries, source, method).map_err(in_file)?;
         if let Some(tt) = &cfg.task_type {
             check_task_type(tt).map_err(in_file)?;
         }
@@ -438,7 +611,7 @@ impl PveraConfig {
             return Err(in_file(Error::config("layers_pattern", LAYERS_PATTERN_WITHOUT_LAYERS_MESSAGE)));
         }
         if !cfg.save_projection {
-            tracing::warn!("{source}: {SAVE_PROJECTION_WARNING}");
+            tracing::warn!("{source}: {}", cfg.save_projection_warning());
         }
         if let SampleAtInference::PerModule(map) = &cfg.sample_at_inference {
             if !map.is_empty() {
@@ -446,7 +619,7 @@ impl PveraConfig {
             }
         }
         if !cfg.extra.is_empty() {
-            tracing::warn!("{source}: {}", unknown_keys_warning(&cfg.extra));
+            tracing::warn!("{source}: {}", unknown_keys_warning(&cfg.extra, method));
         }
         Ok(cfg)
     }
@@ -471,9 +644,11 @@ impl PveraConfig {
     }
 
     /// Serialises exactly as PEFT 0.21.2 writes `adapter_config.json`:
-    /// `json.dumps(config.to_dict(), indent=2, sort_keys=True)` with `peft_type` `"PVERA"`.
-    /// Unknown keys from [`PveraConfig::extra`] are included (sorted with the rest).
+    /// `json.dumps(config.to_dict(), indent=2, sort_keys=True)` with `peft_type` `"PVERA"` (or, for
+    /// VeRA, `"VERA"`, `vera_dropout` and no sampling fields). Unknown keys from
+    /// [`PveraConfig::extra`] are included (sorted with the rest).
     pub fn to_json_string(&self) -> String {
+        let pvera = self.method == Method::Pvera;
         let mut entries: Vec<(String, PyJson)> = Vec::with_capacity(KNOWN_KEYS.len() + self.extra.len());
         let opt_str = |v: &Option<String>| v.as_ref().map_or(PyJson::Null, |s| PyJson::Str(s.clone()));
         let str_list = |v: &[String]| PyJson::List(v.iter().cloned().map(PyJson::Str).collect());
@@ -484,7 +659,9 @@ impl PveraConfig {
         entries.push(("bias".into(), PyJson::Str(self.bias.as_str().to_string())));
         entries.push(("d_initial".into(), PyJson::Float(self.d_initial)));
         entries.push(("fan_in_fan_out".into(), PyJson::Bool(self.fan_in_fan_out)));
-        entries.push(("generator_seed".into(), opt_int(self.generator_seed)));
+        if pvera {
+            entries.push(("generator_seed".into(), opt_int(self.generator_seed)));
+        }
         entries.push(("inference_mode".into(), PyJson::Bool(self.inference_mode)));
         entries.push(("init_weights".into(), PyJson::Bool(self.init_weights)));
         entries.push((
@@ -506,21 +683,25 @@ impl PveraConfig {
             },
         ));
         entries.push(("modules_to_save".into(), self.modules_to_save.as_deref().map_or(PyJson::Null, str_list)));
-        entries.push(("peft_type".into(), PyJson::Str(PEFT_TYPE.into())));
+        entries.push(("peft_type".into(), PyJson::Str(self.method.peft_type().into())));
         entries.push(("peft_version".into(), opt_str(&self.peft_version)));
         entries.push(("projection_prng_key".into(), PyJson::Int(PyInt::Small(self.projection_prng_key))));
-        entries.push(("pvera_dropout".into(), PyJson::Float(self.pvera_dropout)));
+        if pvera {
+            entries.push(("pvera_dropout".into(), PyJson::Float(self.dropout)));
+        }
         entries.push(("r".into(), PyJson::Int(PyInt::Small(self.r as i128))));
         entries.push(("revision".into(), opt_str(&self.revision)));
-        entries.push((
-            "sample_at_inference".into(),
-            match &self.sample_at_inference {
-                SampleAtInference::All(b) => PyJson::Bool(*b),
-                SampleAtInference::PerModule(m) => {
-                    PyJson::Dict(m.iter().map(|(k, v)| (k.clone(), PyJson::Bool(*v))).collect())
-                }
-            },
-        ));
+        if pvera {
+            entries.push((
+                "sample_at_inference".into(),
+                match &self.sample_at_inference {
+                    SampleAtInference::All(b) => PyJson::Bool(*b),
+                    SampleAtInference::PerModule(m) => {
+                        PyJson::Dict(m.iter().map(|(k, v)| (k.clone(), PyJson::Bool(*v))).collect())
+                    }
+                },
+            ));
+        }
         entries.push(("save_projection".into(), PyJson::Bool(self.save_projection)));
         entries.push((
             "target_modules".into(),
@@ -532,8 +713,12 @@ impl PveraConfig {
             },
         ));
         entries.push(("task_type".into(), opt_str(&self.task_type)));
+        if !pvera {
+            entries.push(("vera_dropout".into(), PyJson::Float(self.dropout)));
+        }
+        let known = self.known_keys();
         for (k, v) in &self.extra {
-            if KNOWN_KEYS.contains(&k.as_str()) {
+            if known.contains(&k.as_str()) {
                 continue;
             }
             entries.push((k.clone(), PyJson::from_serde(v)));
@@ -601,10 +786,10 @@ impl PveraConfig {
         if layers_pattern_truthy(&self.layers_pattern) && self.layers_to_transform.is_none() {
             return Err(Error::config("layers_pattern", LAYERS_PATTERN_WITHOUT_LAYERS_MESSAGE));
         }
-        let p = self.pvera_dropout;
+        let p = self.dropout;
         if !(0.0..1.0).contains(&p) {
             return Err(Error::config(
-                "pvera_dropout",
+                self.dropout_key(),
                 format!(
                     "must be in [0, 1), got {}; PEFT uses no dropout for values <= 0 or NaN, drops \
                      everything at 1 and fails for values above 1 (\"dropout probability has to be \
@@ -617,10 +802,28 @@ impl PveraConfig {
             return Err(Error::config(
                 "d_initial",
                 format!(
-                    "must be a finite number, got {}; it fills every entry of pvera_lambda_d",
-                    pyjson::float_repr(self.d_initial)
+                    "must be a finite number, got {}; it fills every entry of {}_lambda_d",
+                    pyjson::float_repr(self.d_initial),
+                    self.method.stem()
                 ),
             ));
+        }
+        if !self.method.samples() {
+            // VeRA has no latent: the sampling fields do not exist in PEFT's VeraConfig.
+            if self.sample_at_inference != SampleAtInference::All(false) {
+                return Err(Error::config(
+                    "sample_at_inference",
+                    "is set on a VeRA adapter, which has no latent to sample (VeraConfig has no such field); \
+                     leave it false, or train a PVeRA adapter (peft_type \"PVERA\") to sample at inference",
+                ));
+            }
+            if self.generator_seed.is_some() {
+                return Err(Error::config(
+                    "generator_seed",
+                    "is set on a VeRA adapter, which draws no noise (VeraConfig has no such field); leave it \
+                     null, or use a PVeRA adapter (peft_type \"PVERA\")",
+                ));
+            }
         }
         check_seed("projection_prng_key", self.projection_prng_key)?;
         if let Some(seed) = self.generator_seed {
@@ -638,9 +841,12 @@ impl PveraConfig {
             if v.is_empty() {
                 return Err(Error::config(
                     "target_modules",
-                    "is an empty list, so no module would be adapted (PEFT fails with \"No layers types \
-                     compatible with PVeRA were found\"); list module names, or leave it null to use the \
-                     model type's defaults",
+                    format!(
+                        "is an empty list, so no module would be adapted (PEFT fails with \"No layers types \
+                         compatible with {} were found\"); list module names, or leave it null to use the \
+                         model type's defaults",
+                        self.method.name()
+                    ),
                 ));
             }
         }
@@ -690,33 +896,41 @@ impl PveraConfig {
     pub fn save_warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if !self.save_projection {
-            out.push(SAVE_PROJECTION_WARNING.to_string());
+            out.push(self.save_projection_warning().to_string());
         }
         if let SampleAtInference::PerModule(map) = &self.sample_at_inference {
-            if !map.is_empty() {
+            if !map.is_empty() && self.method.samples() {
                 out.push(sample_dict_warning(map));
             }
         }
+        let known = self.known_keys();
         let unknown: serde_json::Map<String, serde_json::Value> = self
             .extra
             .iter()
-            .filter(|(k, _)| !KNOWN_KEYS.contains(&k.as_str()))
+            .filter(|(k, _)| !known.contains(&k.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         if !unknown.is_empty() {
-            out.push(unknown_keys_warning(&unknown));
+            out.push(unknown_keys_warning(&unknown, self.method));
         }
         out
     }
 
-    fn from_entries(entries: Vec<(String, PyJson)>, source: &str) -> Result<Self> {
-        let mut cfg = PveraConfig::default();
+    fn from_entries(entries: Vec<(String, PyJson)>, source: &str, method: Method) -> Result<Self> {
+        let mut cfg = PveraConfig::for_method(method);
+        let known = cfg.known_keys();
         let err = |field: &str, reason: String| Error::ConfigParse {
             path: source.to_string(),
             reason: format!("field `{field}`: {reason}"),
         };
         for (key, value) in entries {
             let k = key.as_str();
+            if !known.contains(&k) {
+                // Unknown to this method's config class (a VeRA file's `sample_at_inference` too).
+                let v = value.to_serde(&format!("{source}: unknown key `{key}`"));
+                cfg.extra.insert(key, v);
+                continue;
+            }
             match k {
                 "peft_type" => {} // checked by from_json_str
                 "r" => cfg.r = get_i64(k, &value).map_err(|r| err(k, r))?,
@@ -739,7 +953,7 @@ impl PveraConfig {
                 }
                 "projection_prng_key" => cfg.projection_prng_key = get_i128(k, &value).map_err(|r| err(k, r))?,
                 "save_projection" => cfg.save_projection = get_bool(k, &value).map_err(|r| err(k, r))?,
-                "pvera_dropout" => cfg.pvera_dropout = get_f64(k, &value).map_err(|r| err(k, r))?,
+                "pvera_dropout" | "vera_dropout" => cfg.dropout = get_f64(k, &value).map_err(|r| err(k, r))?,
                 "d_initial" => cfg.d_initial = get_f64(k, &value).map_err(|r| err(k, r))?,
                 "fan_in_fan_out" => cfg.fan_in_fan_out = get_bool(k, &value).map_err(|r| err(k, r))?,
                 "bias" => match &value {
@@ -909,13 +1123,17 @@ fn sample_dict_warning(map: &BTreeMap<String, bool>) -> String {
     }
 }
 
-fn unknown_keys_warning(extra: &serde_json::Map<String, serde_json::Value>) -> String {
+fn unknown_keys_warning(extra: &serde_json::Map<String, serde_json::Value>, method: Method) -> String {
+    let class = match method {
+        Method::Pvera => "PveraConfig",
+        Method::Vera => "VeraConfig",
+    };
     let mut keys: Vec<&str> = extra.keys().map(String::as_str).collect();
     keys.sort_unstable();
     let list = keys.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
     format!(
-        "keys unknown to PEFT 0.21.2's PveraConfig are kept: [{list}]. PEFT drops them when loading, with \
-         \"Unexpected keyword arguments [{list}] for class PveraConfig, these are ignored. This probably means \
+        "keys unknown to PEFT 0.21.2's {class} are kept: [{list}]. PEFT drops them when loading, with \
+         \"Unexpected keyword arguments [{list}] for class {class}, these are ignored. This probably means \
          that you're loading a configuration file that was saved using a higher version of the library and \
          additional parameters have been introduced since. It is highly recommended to upgrade the PEFT \
          version before continuing (e.g. by running `pip install -U peft`).\""
@@ -1158,9 +1376,9 @@ mod tests {
         assert_eq!(written("key_max").projection_seed(), u64::MAX);
         assert!(!written("no_save_projection").save_projection);
         let f = written("floats");
-        assert_eq!((f.pvera_dropout, f.d_initial), (0.05, 1e-5));
+        assert_eq!((f.dropout, f.d_initial), (0.05, 1e-5));
         let f = written("floats_odd");
-        assert_eq!((f.pvera_dropout, f.d_initial), (1.0 / 3.0, 1e16));
+        assert_eq!((f.dropout, f.d_initial), (1.0 / 3.0, 1e16));
         assert!(written("d_initial_nan").d_initial.is_nan());
         assert_eq!(written("d_initial_inf").d_initial, f64::INFINITY);
         let c = written("fan_in_fan_out_no_init");
@@ -1284,7 +1502,7 @@ mod tests {
         assert!(matches!(parse(&minimal(r#""r": "4""#)), Err(Error::ConfigParse { .. })));
         // integers are accepted in float fields (Python would keep the int; we write it as a float)
         let c = parse(&minimal(r#""d_initial": 1, "pvera_dropout": 0"#)).unwrap();
-        assert_eq!((c.d_initial, c.pvera_dropout), (1.0, 0.0));
+        assert_eq!((c.d_initial, c.dropout), (1.0, 0.0));
     }
 
     #[test]
@@ -1412,9 +1630,9 @@ mod tests {
         let e = parse(&minimal(r#""layers_pattern": "layers""#)).unwrap_err();
         assert!(e.to_string().contains(LAYERS_PATTERN_WITHOUT_LAYERS_MESSAGE), "{e}");
         for p in [-0.1, 1.0, 1.5, f64::NAN] {
-            assert_eq!(field_of(&PveraConfig { pvera_dropout: p, ..ok.clone() }).0, "pvera_dropout");
+            assert_eq!(field_of(&PveraConfig { dropout: p, ..ok.clone() }).0, "pvera_dropout");
         }
-        assert!(PveraConfig { pvera_dropout: 0.999, ..ok.clone() }.validate().is_ok());
+        assert!(PveraConfig { dropout: 0.999, ..ok.clone() }.validate().is_ok());
         for d in [f64::NAN, f64::INFINITY] {
             assert_eq!(field_of(&PveraConfig { d_initial: d, ..ok.clone() }).0, "d_initial");
         }

@@ -15,7 +15,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[allow(missing_docs)] // variant fields are named for what they hold
 pub enum Error {
     /// A configuration value is invalid (`r <= 0`, unknown `bias`, ...).
-    #[error("invalid PVeRA config: `{field}`: {reason}")]
+    #[error("invalid adapter config: `{field}`: {reason}")]
     InvalidConfig { field: String, reason: String },
 
     /// A JSON document could not be parsed (malformed, truncated, or a field of the wrong type).
@@ -24,24 +24,24 @@ pub enum Error {
 
     /// The config is for another PEFT method.
     #[error(
-        "{path}: `peft_type` is {found:?}, expected \"PVERA\"; this adapter was written for another PEFT method \
-         and cannot be loaded as PVeRA"
+        "{path}: `peft_type` is {found:?}, expected \"PVERA\" or \"VERA\"; this adapter was written for another \
+         PEFT method and cannot be loaded as PVeRA or VeRA"
     )]
     WrongPeftType { path: String, found: String },
 
     /// No registered linear layer matched the target patterns.
     #[error(
-        "No layers types compatible with PVeRA were found. Please check `peft_config.target_modules`: \
+        "No layers types compatible with {method} were found. Please check `peft_config.target_modules`: \
          {patterns} matched none of the model's linear layers. Known linear layers: {known}"
     )]
-    NoTargetMatched { patterns: String, known: String },
+    NoTargetMatched { method: crate::config::Method, patterns: String, known: String },
 
     /// The model type has no default target modules and none were given.
     #[error(
-        "Please specify `target_modules` in `peft_config`: model type {model_type:?} has no default PVeRA \
+        "Please specify `target_modules` in `peft_config`: model type {model_type:?} has no default {method} \
          targets (PEFT's table has none either)"
     )]
-    NoDefaultTargets { model_type: String },
+    NoDefaultTargets { method: crate::config::Method, model_type: String },
 
     /// A tensor expected in a checkpoint or input file is absent.
     #[error("{file}: missing tensor `{key}`{hint}")]

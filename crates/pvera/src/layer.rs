@@ -1,4 +1,4 @@
-//! The adaptable linear site and the PVeRA math.
+//! The adaptable linear site and the PVeRA / VeRA math.
 //!
 //! Every linear layer a model asks the [`crate::builder::Builder`] for is a [`Linear`]: a cheap
 //! handle (`Arc`) to a [`Site`] that holds the frozen base weight and a slot per adapter. The same
@@ -14,12 +14,20 @@
 //! z  = mu + ε ⊙ exp(0.5·logvar)            training or sampling; ε ~ N(0, 1), shape of mu
 //! y  = base(x) + Σ_active λ_b ⊙ (z · B[:out, :]ᵀ)      then cast to x's dtype
 //! ```
+//!
+//! VeRA (PEFT `tuners/vera/layer.py`) is the same path without the latent: `A` has `R` rows and
+//! `λ_d` `R` entries, so `h = λ_d ⊙ (x' · A[:, :in]ᵀ)` *is* `mu` and `z = h`, in training too. An
+//! adapter slot carries its [`Method`]; the one place the paths part is whether `z` is sampled
+//! ([`samples`], [`Site::adapter_delta`]): a VeRA slot never samples, pushes no KL term and has no
+//! noise path. ΔW, merging, the auto-merged weight and the mixed-adapter batch are shared, since the
+//! mean path of PVeRA (`A[:R]`, `λ_d[:R]`) is VeRA's whole path.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use candle_core::{DType, Tensor, Var};
 
+use crate::config::Method;
 use crate::error::{Error, Result};
 use crate::ops::matmul_const;
 use crate::projection::Projections;
@@ -46,6 +54,7 @@ impl LinearKind {
 /// One adapter's parameters and settings in one layer.
 #[derive(Debug)]
 pub struct AdapterSlot {
+    method: Method,
     lambda_b: Var,
     lambda_d: Var,
     r: usize,
@@ -61,11 +70,13 @@ pub struct AdapterSlot {
 /// Settings for a new [`AdapterSlot`].
 #[derive(Clone, Debug)]
 pub struct SlotSpec {
-    /// Rank r (λ_d has 2r entries).
+    /// PVeRA or VeRA; must be the projections' method.
+    pub method: Method,
+    /// Rank r (λ_d has 2r entries; VeRA: r).
     pub r: usize,
     /// Dropout probability before A.
     pub dropout: f64,
-    /// Sample the latent at inference in this layer.
+    /// Sample the latent at inference in this layer (PVeRA only; must be false for VeRA).
     pub sample_at_inference: bool,
     /// Seed of this layer's own noise generator (PEFT's `generator_seed`), already mixed with the
     /// module path when the noise policy asks for independent noise.
@@ -79,11 +90,15 @@ pub struct SlotSpec {
 }
 
 impl AdapterSlot {
+    /// PVeRA or VeRA.
+    pub fn method(&self) -> Method {
+        self.method
+    }
     /// λ_b (out).
     pub fn lambda_b(&self) -> &Var {
         &self.lambda_b
     }
-    /// λ_d (2r).
+    /// λ_d (2r; VeRA: r).
     pub fn lambda_d(&self) -> &Var {
         &self.lambda_d
     }
@@ -95,7 +110,7 @@ impl AdapterSlot {
     pub fn dropout(&self) -> f64 {
         self.dropout
     }
-    /// Whether this layer samples at inference for this adapter.
+    /// Whether this layer samples at inference for this adapter (always false for VeRA).
     pub fn sample_at_inference(&self) -> bool {
         self.sample_at_inference
     }
@@ -144,7 +159,7 @@ struct SiteInner {
     copies: BTreeMap<String, ModuleCopy>,
 }
 
-/// An adaptable linear layer: frozen base weight plus PVeRA adapter slots.
+/// An adaptable linear layer: frozen base weight plus PVeRA / VeRA adapter slots.
 #[derive(Debug)]
 pub struct Site {
     path: String,
@@ -380,7 +395,8 @@ impl Site {
 
     /// Attaches a new adapter, with PEFT's checks of the shared projections
     /// (`layer.py:113-151`) plus a stricter rank check: PEFT accepts `r < R` here and then fails
-    /// in the forward pass with a size mismatch (docs/peft-behaviour.md §2); this refuses it up front.
+    /// in the forward pass with a size mismatch (docs/peft-behaviour.md §2); this refuses it up front,
+    /// as it refuses projections of the other method and sampling on a VeRA slot.
     pub fn add_adapter(
         &self,
         name: &str,
@@ -394,10 +410,26 @@ impl Site {
                 "`r` should be a positive integer value but the value passed is 0",
             ));
         }
+        let method = spec.method;
+        let (an, bn) = (crate::checkpoint::proj_a_name(method), crate::checkpoint::proj_b_name(method));
+        if projections.method() != method {
+            return Err(Error::Projection(format!(
+                "adapter {name:?} is a {method} adapter but was given {} projections (layer {}); each method \
+                 has its own shared projections",
+                projections.method(),
+                self.path
+            )));
+        }
+        if !method.samples() && (spec.sample_at_inference || spec.generator_seed.is_some()) {
+            return Err(Error::config(
+                "sample_at_inference",
+                format!("adapter {name:?} is a VeRA adapter: it has no latent to sample (layer {})", self.path),
+            ));
+        }
         if projections.in_max() < self.in_features {
             return Err(Error::Projection(format!(
-                "pvera_A has a size of {} but {} or greater is required; this probably happened \
-                 because an additional PVeRA adapter was added after the first one with \
+                "{an} has a size of {} but {} or greater is required; this probably happened \
+                 because an additional {method} adapter was added after the first one with \
                  incompatible shapes (layer {}).",
                 projections.in_max(),
                 self.in_features,
@@ -406,8 +438,8 @@ impl Site {
         }
         if projections.out_max() < self.out_features {
             return Err(Error::Projection(format!(
-                "pvera_B has a size of {} but {} or greater is required; this probably happened \
-                 because an additional PVeRA adapter was added after the first one with \
+                "{bn} has a size of {} but {} or greater is required; this probably happened \
+                 because an additional {method} adapter was added after the first one with \
                  incompatible shapes (layer {}).",
                 projections.out_max(),
                 self.out_features,
@@ -417,8 +449,8 @@ impl Site {
         if projections.r() != spec.r {
             return Err(Error::Projection(format!(
                 "adapter {name:?} has r={} but the shared projections have rank {} (set by the \
-                 first adapter); all PVeRA adapters of a model must use the same r, since they \
-                 share pvera_A and pvera_B (PEFT accepts a lower r here and then fails in the \
+                 first adapter); all {method} adapters of a model must use the same r, since they \
+                 share {an} and {bn} (PEFT accepts a lower r here and then fails in the \
                  forward pass)",
                 spec.r,
                 projections.r()
@@ -426,18 +458,20 @@ impl Site {
         }
         let device = projections.device().clone();
         let out = self.out_features;
-        let two_r = 2 * spec.r;
-        // PEFT: λ_b = ones(out), λ_d = randn(2r) from the global generator, overwritten when
-        // init_weights. We draw λ_d only when it is kept, so `init_weights=true` consumes nothing.
+        let rows = method.latent_rows(spec.r);
+        // PEFT: λ_b = ones(out), λ_d = randn(2r) (VeRA: randn(r)) from the global generator,
+        // overwritten when init_weights. We draw λ_d only when it is kept, so `init_weights=true`
+        // consumes nothing.
         let (lb, ld) = if spec.init_weights {
-            (vec![0f32; out], vec![spec.d_initial as f32; two_r])
+            (vec![0f32; out], vec![spec.d_initial as f32; rows])
         } else {
-            (vec![1f32; out], global.randn_f32(two_r))
+            (vec![1f32; out], global.randn_f32(rows))
         };
         let lambda_b = Var::from_vec(lb, out, &device)?;
-        let lambda_d = Var::from_vec(ld, two_r, &device)?;
+        let lambda_d = Var::from_vec(ld, rows, &device)?;
         let generator = spec.generator_seed.map(|s| Box::new(Mutex::new(TorchGenerator::new(s))));
         let slot = AdapterSlot {
+            method,
             lambda_b,
             lambda_d,
             r: spec.r,
@@ -486,7 +520,8 @@ impl Site {
         Ok(())
     }
 
-    /// Switches sampling at inference for one adapter in this layer (run time).
+    /// Switches sampling at inference for one adapter in this layer (run time). Switching it on
+    /// for a VeRA adapter is an [`Error::Request`]: it has no latent to sample.
     pub fn set_sample_at_inference(&self, adapter: &str, on: bool) -> Result<()> {
         let mut g = self.write()?;
         let known = format!("{:?}", g.adapters.keys().collect::<Vec<_>>());
@@ -494,6 +529,9 @@ impl Site {
             name: adapter.to_string(),
             known,
         })?;
+        if on && !slot.method.samples() {
+            return Err(vera_cannot_sample(adapter));
+        }
         slot.sample_at_inference = on;
         Ok(())
     }
@@ -528,7 +566,8 @@ impl Site {
 
     /// ΔW of one adapter (mean path only), in the base weight's layout ((out, in), or (in, out)
     /// for Conv1D), f32:
-    /// `ΔW = (λ_b[:,None] ⊙ B[:out]) @ (λ_d[:R,None] ⊙ A[:R, :in])` (PEFT `layer.py:243-285`).
+    /// `ΔW = (λ_b[:,None] ⊙ B[:out]) @ (λ_d[:R,None] ⊙ A[:R, :in])` (PEFT `layer.py:243-285`; for
+    /// VeRA, whose A and λ_d have exactly R rows, this is its whole `get_delta_weight`).
     pub fn delta_weight(&self, adapter: &str) -> Result<Tensor> {
         let g = self.read()?;
         self.delta_weight_locked(&g, adapter)
@@ -994,6 +1033,8 @@ impl Site {
         let r = slot.r;
         let p = &slot.projections;
         let dropped = training && slot.dropout > 0.0;
+        // The seam between the methods: only PVeRA samples its latent (training or at inference).
+        let sample = slot.method.samples() && (training || samples(slot, view));
         let xd = if dropped {
             let mut mask = vec![1f32; x32.elem_count()];
             self.state.with_global_generator(|g| g.dropout_f32(&mut mask, slot.dropout))?;
@@ -1006,7 +1047,6 @@ impl Site {
         let (lb, ld) = slot.lambdas(view.grad_enabled);
         let a_t = p.a_slice_t(self.in_features)?; // (in, 2R)
         let b_t = p.b_slice_t(self.out_features)?; // (R, out)
-        let sample = training || samples(slot, view);
         if sample && !(training && view.collect_kl) {
             let lambdas = (&lb, &ld);
             if let Some(delta) = self.sampled_delta_fused(slot, name, &xd, &a_t, &b_t, lambdas, key, view)? {
@@ -1014,8 +1054,8 @@ impl Site {
             }
         }
         // The composite: every step a candle op (autograd through all of them, the KL term).
-        let h = matmul_const(&xd, &a_t)?.broadcast_mul(&ld)?; // (n, 2R)
-        let mu = h.narrow(1, 0, r)?;
+        let h = matmul_const(&xd, &a_t)?.broadcast_mul(&ld)?; // (n, 2R); VeRA (n, R)
+        let mu = h.narrow(1, 0, r)?; // VeRA: all of h
         let z = if sample {
             let logvar = h.narrow(1, r, r)?;
             check_logvar(&logvar, &self.path, name)?;
@@ -1076,6 +1116,14 @@ impl Site {
         }
         Ok(Some(out.delta))
     }
+}
+
+/// The error for asking a VeRA adapter to sample.
+pub(crate) fn vera_cannot_sample(adapter: &str) -> Error {
+    Error::Request(format!(
+        "adapter `{adapter}` is a VeRA adapter: it has no latent to sample (sampling, Monte Carlo prediction and \
+         the KL term exist for PVeRA adapters only); predict in mean mode (samples 1)"
+    ))
 }
 
 /// Largest log-variance the sampled path accepts: `exp(88) ≈ 1.65e38` is the last power of e
@@ -1154,8 +1202,12 @@ fn live(v: &Var, track: bool) -> Tensor {
     }
 }
 
-/// Whether an adapter samples its latent in an eval-mode forward.
+/// Whether an adapter samples its latent in an eval-mode forward: never for VeRA (whatever the
+/// run's sampling override), else by the override or the layer's `sample_at_inference`.
 fn samples(slot: &AdapterSlot, view: &ForwardView) -> bool {
+    if !slot.method.samples() {
+        return false;
+    }
     match view.sampling {
         Sampling::FromConfig => slot.sample_at_inference,
         Sampling::Always => true,
@@ -1195,8 +1247,9 @@ mod tests {
         let w = Tensor::from_vec(w, (6, 5), &dev).unwrap();
         let b = Tensor::from_vec(vec![0.1f32; 6], 6, &dev).unwrap();
         let lin = Linear::new("lin", w, Some(b), LinearKind::Linear, state).unwrap();
-        let p = Arc::new(Projections::generate(0, 3, 5, 6, crate::TorchKernel::default(), &dev).unwrap());
+        let p = Arc::new(Projections::generate(Method::Pvera, 0, 3, 5, 6, crate::TorchKernel::default(), &dev).unwrap());
         let spec = SlotSpec {
+            method: Method::Pvera,
             r: 3,
             dropout: 0.0,
             sample_at_inference: false,

@@ -3,13 +3,15 @@
 //! PVeRA (Probabilistic Vector-based Random Matrix Adaptation, arXiv 2512.07703) adapters on
 //! [candle](https://github.com/huggingface/candle), with exact parity with Hugging Face PEFT's
 //! `PveraConfig` (peft 0.21.2): the same `adapter_config.json` and `adapter_model.safetensors`,
-//! projections regenerated bit for bit from `projection_prng_key`, and the same outputs.
+//! projections regenerated bit for bit from `projection_prng_key`, and the same outputs. VeRA
+//! adapters (PEFT's `VeraConfig`, PVeRA without the probabilistic latent) run through the same
+//! code, told apart by [`Method`].
 //!
 //! Map (see `ARCHITECTURE.md`):
-//! - [`config`]: [`PveraConfig`] <-> `adapter_config.json`.
+//! - [`config`]: [`PveraConfig`] <-> `adapter_config.json` (PVeRA or VeRA, [`Method`]).
 //! - [`rng`]: a PyTorch-exact CPU generator (MT19937, `kaiming_uniform_`, `randn`, dropout).
 //! - [`projection`]: the shared frozen A and B.
-//! - [`layer`]: the adaptable linear site and the PVeRA math (forward, KL, ΔW, merge).
+//! - [`layer`]: the adaptable linear site and the PVeRA / VeRA math (forward, KL, ΔW, merge).
 //! - [`state`]: mode, sampling, active adapters and KL terms shared by all layers of a model.
 //! - [`builder`]: the model [`Builder`] and the site [`Registry`].
 //! - [`targets`]: PEFT's target-module matching and default targets.
@@ -44,7 +46,7 @@ pub mod train;
 pub mod uncertainty;
 pub mod validate;
 
-pub use config::PveraConfig;
+pub use config::{Method, PveraConfig};
 pub use error::{Error, Result};
 pub use builder::{Builder, ModelInfo, Registry};
 pub use layer::{Linear, LinearKind};

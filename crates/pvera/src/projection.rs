@@ -1,10 +1,12 @@
-//! The shared, frozen random projections of PVeRA.
+//! The shared, frozen random projections of PVeRA and VeRA.
 //!
-//! One pair `A: f32[2R, IN]`, `B: f32[OUT, R]` serves every adapted layer; a layer with `in`
-//! inputs and `out` outputs uses `A[:, :in]` and `B[:out, :]`. PEFT draws them with
-//! `kaiming_uniform_` from `torch.Generator().manual_seed(projection_prng_key)`, A first, then B
-//! from the same stream (`tuners/pvera/model.py:106-119`); [`Projections::generate`] reproduces that
-//! bit for bit through [`crate::rng`].
+//! One pair `A: f32[2R, IN]` (VeRA: `f32[R, IN]`, [`Method::latent_rows`]), `B: f32[OUT, R]` serves
+//! every adapted layer; a layer with `in` inputs and `out` outputs uses `A[:, :in]` and `B[:out, :]`.
+//! PEFT draws them with `kaiming_uniform_` (VeRA: its own `_kaiming_init`, the same bound
+//! `sqrt(3) · sqrt(2) / sqrt(fan_in)` and the same `uniform_`) from
+//! `torch.Generator().manual_seed(projection_prng_key)`, A first, then B from the same stream
+//! (docs/torch-rng.md §5); [`Projections::generate`] reproduces that bit for bit through
+//! [`crate::rng`].
 //!
 //! Slices are materialised contiguously once per width and cached, so the forward pass never
 //! copies a strided view of A or B.
@@ -14,12 +16,15 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::checkpoint::{proj_a_name, proj_b_name};
+use crate::config::Method;
 use crate::error::{Error, Result};
 use crate::rng::{TorchGenerator, TorchKernel};
 
-/// Shared frozen projections `A` (2R x IN) and `B` (OUT x R), always f32.
+/// Shared frozen projections `A` (2R x IN; VeRA: R x IN) and `B` (OUT x R), always f32.
 #[derive(Debug)]
 pub struct Projections {
+    method: Method,
     a: Tensor,
     b: Tensor,
     r: usize,
@@ -51,13 +56,14 @@ pub enum ProjectionOrigin {
         /// The kernel variant used.
         kernel: TorchKernel,
     },
-    /// Read from a checkpoint (`base_model.pvera_A` / `base_model.pvera_B`).
+    /// Read from a checkpoint (`base_model.pvera_A` / `base_model.pvera_B`, or VeRA's).
     Checkpoint,
 }
 
 impl Projections {
-    /// Draws A (2r x in_max) then B (out_max x r) exactly as PEFT does.
+    /// Draws A (`method.latent_rows(r)` x in_max) then B (out_max x r) exactly as PEFT does.
     pub fn generate(
+        method: Method,
         key: u64,
         r: usize,
         in_max: usize,
@@ -65,33 +71,38 @@ impl Projections {
         kernel: TorchKernel,
         device: &Device,
     ) -> Result<Self> {
-        let (a, b) = generate_raw(key, r, in_max, out_max, kernel);
-        let a = Tensor::from_vec(a, (2 * r, in_max), device)?;
+        let (a, b) = generate_raw(method, key, r, in_max, out_max, kernel);
+        let a = Tensor::from_vec(a, (method.latent_rows(r), in_max), device)?;
         let b = Tensor::from_vec(b, (out_max, r), device)?;
-        Self::from_parts(a, b, ProjectionOrigin::Generated { key, kernel })
+        Self::from_parts(method, a, b, ProjectionOrigin::Generated { key, kernel })
     }
 
     /// Wraps existing tensors (e.g. from a checkpoint), checking their shapes agree on `r`.
-    pub fn from_tensors(a: Tensor, b: Tensor) -> Result<Self> {
-        Self::from_parts(a, b, ProjectionOrigin::Checkpoint)
+    pub fn from_tensors(method: Method, a: Tensor, b: Tensor) -> Result<Self> {
+        Self::from_parts(method, a, b, ProjectionOrigin::Checkpoint)
     }
 
-    fn from_parts(a: Tensor, b: Tensor, origin: ProjectionOrigin) -> Result<Self> {
-        let (two_r, _in_max) = a.dims2().map_err(|_| {
-            Error::Projection(format!("pvera_A must be 2-D (2r, in), got shape {:?}", a.dims()))
+    fn from_parts(method: Method, a: Tensor, b: Tensor, origin: ProjectionOrigin) -> Result<Self> {
+        let (an, bn) = (proj_a_name(method), proj_b_name(method));
+        let rows_s = if method.samples() { "2r" } else { "r" };
+        let (rows, _in_max) = a.dims2().map_err(|_| {
+            Error::Projection(format!("{an} must be 2-D ({rows_s}, in), got shape {:?}", a.dims()))
         })?;
         let (_out_max, r) = b.dims2().map_err(|_| {
-            Error::Projection(format!("pvera_B must be 2-D (out, r), got shape {:?}", b.dims()))
+            Error::Projection(format!("{bn} must be 2-D (out, r), got shape {:?}", b.dims()))
         })?;
-        if two_r != 2 * r {
+        if rows != method.latent_rows(r) {
+            let why = if method.samples() { " (mean and log-variance halves)" } else { "" };
             return Err(Error::Projection(format!(
-                "pvera_A has {two_r} rows but pvera_B has {r} columns; PVeRA needs A with 2r rows \
-                 (mean and log-variance halves) for B with r columns"
+                "{an} has {rows} rows but {bn} has {r} columns; {} needs A with {rows_s} rows{why} for B \
+                 with r columns",
+                method.name()
             )));
         }
         let a = a.to_dtype(DType::F32)?.contiguous()?;
         let b = b.to_dtype(DType::F32)?.contiguous()?;
         Ok(Self {
+            method,
             a,
             b,
             r,
@@ -102,7 +113,11 @@ impl Projections {
         })
     }
 
-    /// The rank R (A has 2R rows).
+    /// The method whose shapes these are (A has 2R rows for PVeRA, R for VeRA).
+    pub fn method(&self) -> Method {
+        self.method
+    }
+    /// The rank R (B's columns).
     pub fn r(&self) -> usize {
         self.r
     }
@@ -114,7 +129,7 @@ impl Projections {
     pub fn out_max(&self) -> usize {
         self.b.dims()[0]
     }
-    /// The full A (2R x IN).
+    /// The full A (2R x IN; VeRA: R x IN).
     pub fn a(&self) -> &Tensor {
         &self.a
     }
@@ -131,7 +146,7 @@ impl Projections {
         self.a.device()
     }
 
-    /// The cached `x · A[:, :in]ᵀ` (`rows × 2R`, row-major) of the input tensor `x`, if it is the
+    /// The cached `x · A[:, :in]ᵀ` (`rows × A's rows`, row-major) of the input tensor `x`, if it is the
     /// last one stored for this width. Tensors are immutable and ids unique, so an id names the
     /// values (callers never key a `Var`, whose values can change under the same id).
     pub fn xa(&self, x: candle_core::TensorId, in_features: usize, rows: usize) -> Option<std::sync::Arc<Vec<f32>>> {
@@ -149,13 +164,13 @@ impl Projections {
         }
     }
 
-    /// `A[:, :in]` as a contiguous (2R, in) tensor and its transpose laid out contiguously
-    /// as (in, 2R), cached per width.
+    /// `A[:, :in]` as a contiguous (2R, in) tensor (VeRA: (R, in)) and its transpose laid out
+    /// contiguously as (in, 2R), cached per width.
     pub fn a_slice_t(&self, in_features: usize) -> Result<Tensor> {
         Ok(self.a_slices(in_features)?.1)
     }
 
-    /// `A[:, :in]` (2R, in), contiguous, cached.
+    /// `A[:, :in]` (2R, in; VeRA: (R, in)), contiguous, cached.
     pub fn a_slice(&self, in_features: usize) -> Result<Tensor> {
         Ok(self.a_slices(in_features)?.0)
     }
@@ -163,10 +178,12 @@ impl Projections {
     fn a_slices(&self, in_features: usize) -> Result<(Tensor, Tensor)> {
         if in_features > self.in_max() {
             return Err(Error::Projection(format!(
-                "pvera_A has a size of {} but {in_features} or greater is required; this probably \
-                 happened because an additional PVeRA adapter was added after the first one with \
+                "{} has a size of {} but {in_features} or greater is required; this probably \
+                 happened because an additional {} adapter was added after the first one with \
                  incompatible shapes.",
-                self.in_max()
+                proj_a_name(self.method),
+                self.in_max(),
+                self.method.name()
             )));
         }
         let mut cache = self.a_cache.lock().map_err(|_| poisoned())?;
@@ -183,10 +200,12 @@ impl Projections {
     pub fn b_slice_t(&self, out_features: usize) -> Result<Tensor> {
         if out_features > self.out_max() {
             return Err(Error::Projection(format!(
-                "pvera_B has a size of {} but {out_features} or greater is required; this probably \
-                 happened because an additional PVeRA adapter was added after the first one with \
+                "{} has a size of {} but {out_features} or greater is required; this probably \
+                 happened because an additional {} adapter was added after the first one with \
                  incompatible shapes.",
-                self.out_max()
+                proj_b_name(self.method),
+                self.out_max(),
+                self.method.name()
             )));
         }
         let mut cache = self.b_cache.lock().map_err(|_| poisoned())?;
@@ -203,9 +222,9 @@ impl Projections {
         Ok(self.b_slice_t(out_features)?.t()?.contiguous()?)
     }
 
-    /// True when both matrices are bit-identical to `other`'s.
+    /// True when both matrices are bit-identical to `other`'s (and of the same method).
     pub fn bit_equal(&self, other: &Projections) -> Result<bool> {
-        if self.a.dims() != other.a.dims() || self.b.dims() != other.b.dims() {
+        if self.method != other.method || self.a.dims() != other.a.dims() || self.b.dims() != other.b.dims() {
             return Ok(false);
         }
         Ok(count_bit_differences(&self.a, &other.a)? == 0
@@ -217,8 +236,10 @@ fn poisoned() -> Error {
     Error::Model("a projection cache lock was poisoned by a panicking thread".into())
 }
 
-/// A then B as row-major f32 vectors, drawn from one torch generator seeded with `key`.
+/// A (`method.latent_rows(r)` x in_max) then B (out_max x r) as row-major f32 vectors, drawn from
+/// one torch generator seeded with `key`.
 pub fn generate_raw(
+    method: Method,
     key: u64,
     r: usize,
     in_max: usize,
@@ -226,7 +247,7 @@ pub fn generate_raw(
     kernel: TorchKernel,
 ) -> (Vec<f32>, Vec<f32>) {
     let mut g = TorchGenerator::with_kernel(key, kernel);
-    let a = g.kaiming_uniform_f32(2 * r, in_max);
+    let a = g.kaiming_uniform_f32(method.latent_rows(r), in_max);
     let b = g.kaiming_uniform_f32(out_max, r);
     (a, b)
 }

@@ -19,7 +19,7 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
-use crate::config::{LayersPattern, LayersToTransform, PveraConfig, TargetModules, ALL_LINEAR};
+use crate::config::{LayersPattern, LayersToTransform, Method, PveraConfig, TargetModules, ALL_LINEAR};
 use crate::error::{Error, Result};
 use crate::pyregex::{compile_fullmatch, compile_py, layers_pattern_regex, modules_to_save_regex, py_digit_value, Anchor};
 
@@ -98,9 +98,13 @@ pub const DEFAULT_TARGET_MODULES: [(&str, DefaultTargets); 41] = {
     ]
 };
 
-/// PEFT's default targets for a transformers `model_type` (case-sensitive, e.g. `"llama"`,
-/// `"RefinedWeb"`), or `None` when PEFT has none (ViT, custom models, ...).
-pub fn default_target_modules(model_type: &str) -> Option<TargetModules> {
+/// PEFT's default targets of `method` for a transformers `model_type` (case-sensitive, e.g.
+/// `"llama"`, `"RefinedWeb"`), or `None` when PEFT has none (ViT, custom models, ...). VeRA's table
+/// (`TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING`) is PVeRA's without `dinov2`.
+pub fn default_target_modules(method: Method, model_type: &str) -> Option<TargetModules> {
+    if method == Method::Vera && model_type == "dinov2" {
+        return None;
+    }
     DEFAULT_TARGET_MODULES.iter().find(|(k, _)| *k == model_type).map(|(_, t)| match t {
         DefaultTargets::List(v) => TargetModules::list(v.iter().copied()),
         DefaultTargets::Regex(r) => TargetModules::Regex((*r).to_string()),
@@ -113,8 +117,8 @@ pub fn default_target_modules(model_type: &str) -> Option<TargetModules> {
 pub fn resolve_target_modules(config: &PveraConfig, model_type: &str) -> Result<TargetModules> {
     match &config.target_modules {
         Some(t) => Ok(t.clone()),
-        None => default_target_modules(model_type)
-            .ok_or_else(|| Error::NoDefaultTargets { model_type: model_type.to_string() }),
+        None => default_target_modules(config.method, model_type)
+            .ok_or_else(|| Error::NoDefaultTargets { method: config.method, model_type: model_type.to_string() }),
     }
 }
 
@@ -724,24 +728,28 @@ mod tests {
                 _ => panic!("{name}: {ours:?} vs {peft}"),
             }
         }
-        assert_eq!(default_target_modules("llama"), Some(TargetModules::List(vec!["q_proj".into(), "v_proj".into()])));
-        assert_eq!(default_target_modules("dinov2"), Some(TargetModules::List(vec!["query".into(), "value".into()])));
+        let pv = Method::Pvera;
+        assert_eq!(default_target_modules(pv, "llama"), Some(TargetModules::List(vec!["q_proj".into(), "v_proj".into()])));
+        assert_eq!(default_target_modules(pv, "dinov2"), Some(TargetModules::List(vec!["query".into(), "value".into()])));
+        // VeRA's table is PVeRA's without dinov2 (PEFT's TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING).
+        assert_eq!(default_target_modules(Method::Vera, "dinov2"), None);
+        assert_eq!(default_target_modules(Method::Vera, "llama"), default_target_modules(pv, "llama"));
         assert_eq!(
-            default_target_modules("gemma4"),
+            default_target_modules(pv, "gemma4"),
             Some(TargetModules::Regex(r".*language_model\..*\.(q_proj|v_proj)".into()))
         );
-        assert_eq!(default_target_modules("vit"), None);
-        assert_eq!(default_target_modules("Llama"), None);
+        assert_eq!(default_target_modules(pv, "vit"), None);
+        assert_eq!(default_target_modules(pv, "Llama"), None);
         // every default compiles
         for (name, _) in DEFAULT_TARGET_MODULES {
-            let c = PveraConfig { target_modules: default_target_modules(name), ..Default::default() };
+            let c = PveraConfig { target_modules: default_target_modules(pv, name), ..Default::default() };
             assert!(TargetMatcher::new(&c).is_ok(), "{name}");
         }
         // resolution
         let c = PveraConfig::default();
         assert_eq!(resolve_target_modules(&c, "gpt2").unwrap(), TargetModules::List(vec!["c_attn".into()]));
         let e = resolve_target_modules(&c, "custom").unwrap_err();
-        assert!(matches!(&e, Error::NoDefaultTargets { model_type } if model_type == "custom"));
+        assert!(matches!(&e, Error::NoDefaultTargets { model_type, .. } if model_type == "custom"));
         let c = PveraConfig { target_modules: Some(TargetModules::list(["x"])), ..Default::default() };
         assert_eq!(resolve_target_modules(&c, "custom").unwrap(), TargetModules::List(vec!["x".into()]));
     }

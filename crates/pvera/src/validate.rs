@@ -4,9 +4,11 @@
 //! model, and lists *every* problem it finds instead of stopping at the first: the directory, the
 //! config (parsing and [`PveraConfig::validate`]), the safetensors file (header, offsets, dtypes),
 //! non-finite values, tensor shapes against `r` and against each other (λ_d = 2r, A = (2r, in_max),
-//! B = (out_max, r) with out_max the longest λ_b), complete λ pairs, the projections the config
-//! promises (`save_projection`), a missing `pvera_B` checked against the projections regenerated
-//! from `projection_prng_key`, and keys that belong to no part of a PVeRA adapter.
+//! B = (out_max, r) with out_max the longest λ_b; for VeRA λ_d = r and A = (r, in_max)), complete λ
+//! pairs, the projections the config promises (`save_projection`), a missing `pvera_B` / `vera_B`
+//! checked against the projections regenerated from `projection_prng_key`, and keys that belong to
+//! no part of the adapter. The method comes from the config's `peft_type`, or, when the config
+//! cannot be read, from the keys of the weights file.
 //! [`validate_with_model`] adds the full load on a model, which is the only way to know whether
 //! `target_modules` find the model's layers and whether each λ_b fits its layer.
 //!
@@ -23,8 +25,11 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::checkpoint::{self, KeyKind, StoredTensor, PROJ_A_KEY, PROJ_B_KEY};
-use crate::config::{Bias, PveraConfig, TargetModules};
+use crate::checkpoint::{
+    self, missing_projections, proj_a_key, proj_a_name, proj_b_key, proj_b_name, regenerated_b_warning,
+    stored_a_ignored_warning, stored_projections_ignored_warning, unrecoverable_b, KeyKind, StoredTensor,
+};
+use crate::config::{Bias, Method, PveraConfig, TargetModules};
 use crate::error::{Error, Result};
 use crate::layer::count_non_finite;
 use crate::models::loader::ModelDir;
@@ -176,6 +181,8 @@ pub struct AdapterReport {
     pub dir: PathBuf,
     /// The config, when it parses (even if [`PveraConfig::validate`] refuses it).
     pub config: Option<PveraConfig>,
+    /// The adapter's method: the config's, else the one whose keys the weights file uses.
+    pub method: Method,
     /// `dir/adapter_model.safetensors`.
     pub weights_path: PathBuf,
     /// Every tensor that could be read, by key.
@@ -204,9 +211,10 @@ impl AdapterReport {
 
     /// Number of trainable values in the file: every tensor but the projections.
     pub fn trainable_params(&self) -> usize {
+        let (a, b) = (proj_a_key(self.method), proj_b_key(self.method));
         self.tensors
             .iter()
-            .filter(|(k, _)| k.as_str() != PROJ_A_KEY && k.as_str() != PROJ_B_KEY)
+            .filter(|(k, _)| k.as_str() != a && k.as_str() != b)
             .map(|(_, t)| t.tensor.elem_count())
             .sum()
     }
@@ -225,6 +233,7 @@ pub fn validate_adapter_dir(dir: &Path) -> AdapterReport {
     let mut report = AdapterReport {
         dir: dir.to_path_buf(),
         config: None,
+        method: Method::default(),
         weights_path: weights_path.clone(),
         tensors: BTreeMap::new(),
         metadata: HashMap::new(),
@@ -267,6 +276,10 @@ pub fn validate_adapter_dir(dir: &Path) -> AdapterReport {
         }
         Err(e) => report.problems.push(Problem::Error(e)),
     }
+    report.method = match &report.config {
+        Some(c) => c.method,
+        None => checkpoint::method_of_keys(report.tensors.keys().chain(unreadable.iter())),
+    };
     let config_file = dir.join(checkpoint::CONFIG_NAME);
     let valid = report.config.as_ref().and_then(|c| match c.validate() {
         Ok(()) => Some(c.clone()),
@@ -276,6 +289,7 @@ pub fn validate_adapter_dir(dir: &Path) -> AdapterReport {
         }
     });
     let mut checks = TensorChecks {
+        method: report.method,
         file,
         tensors: &report.tensors,
         unreadable: &unreadable,
@@ -329,44 +343,6 @@ pub(crate) fn in_config_file(e: Error, config_file: &Path) -> Error {
     }
 }
 
-/// The loader's error for a checkpoint without `pvera_A` under `save_projection=true` (PEFT's
-/// message plus the fix).
-pub(crate) fn missing_projections(file: &str) -> Error {
-    Error::MissingTensor {
-        file: file.to_string(),
-        key: PROJ_A_KEY.into(),
-        hint: ": Specified to load pvera_A and pvera_B from state dictionary however \
-               they were not present! (the config says save_projection=true; if the \
-               projections were deliberately left out, set \"save_projection\": false \
-               in adapter_config.json to regenerate them from projection_prng_key)"
-            .into(),
-    }
-}
-
-/// The loader's error for a checkpoint with `pvera_A` but no `pvera_B` whose A is not the
-/// regenerated one.
-pub(crate) fn unrecoverable_b(file: &str, projection_prng_key: i128, diff: usize) -> Error {
-    Error::MissingTensor {
-        file: file.to_string(),
-        key: PROJ_B_KEY.into(),
-        hint: format!(
-            ": the file has pvera_A but no pvera_B, and its pvera_A differs from the \
-             one regenerated from projection_prng_key={projection_prng_key} in {diff} elements, so B \
-             cannot be recovered (PEFT would silently use a regenerated B). Re-save \
-             the adapter with both projections."
-        ),
-    }
-}
-
-/// The loader's warning for a checkpoint with `pvera_A` (equal to the regenerated one) but no
-/// `pvera_B`.
-pub(crate) fn regenerated_b_warning(file: &str, projection_prng_key: i128) -> String {
-    format!(
-        "{file}: pvera_B is missing (PEFT silently regenerates it); pvera_A equals the \
-         projection regenerated from projection_prng_key={projection_prng_key}, so the regenerated B is used"
-    )
-}
-
 /// The loader's error for NaN or Inf in a tensor of an adapter file.
 pub(crate) fn non_finite(file: &str, key: &str, count: usize) -> Error {
     Error::NonFinite {
@@ -399,6 +375,7 @@ fn bit_differences(stored: &[f32], generated: &[f32]) -> usize {
 
 /// The checks on the tensors, given what is known of the config.
 struct TensorChecks<'a> {
+    method: Method,
     file: String,
     tensors: &'a BTreeMap<String, StoredTensor>,
     unreadable: &'a BTreeSet<String>,
@@ -428,7 +405,7 @@ impl TensorChecks<'_> {
         let mut pairs: BTreeMap<&str, (bool, bool)> = BTreeMap::new();
         let all_keys: Vec<&String> = self.tensors.keys().chain(self.unreadable.iter()).collect();
         for k in &all_keys {
-            if let KeyKind::Lambda { path, which } = checkpoint::classify_key(k) {
+            if let KeyKind::Lambda { path, which } = checkpoint::classify_key(self.method, k) {
                 let e = pairs.entry(path).or_default();
                 if which == 'b' {
                     e.0 = true;
@@ -437,17 +414,18 @@ impl TensorChecks<'_> {
                 }
             }
         }
-        let a = self.tensors.get(PROJ_A_KEY).map(|t| t.tensor.clone());
-        let b = self.tensors.get(PROJ_B_KEY).map(|t| t.tensor.clone());
+        let m = self.method;
+        let a = self.tensors.get(proj_a_key(m)).map(|t| t.tensor.clone());
+        let b = self.tensors.get(proj_b_key(m)).map(|t| t.tensor.clone());
         let lambda_b: Vec<(String, Vec<usize>)> = pairs
             .keys()
-            .map(|p| checkpoint::lambda_b_key(p))
+            .map(|p| checkpoint::lambda_b_key(m, p))
             .filter_map(|k| self.tensors.get(&k).map(|t| (k, t.tensor.dims().to_vec())))
             .collect();
         let out_max = lambda_b.iter().filter(|(_, d)| d.len() == 1).map(|(_, d)| d[0]).max();
         // An unreadable λ_b (reported already) may be the longest: B's rows can then only be
         // checked against the readable ones from above.
-        let all_b_read = pairs.keys().all(|p| !self.unreadable.contains(&checkpoint::lambda_b_key(p)));
+        let all_b_read = pairs.keys().all(|p| !self.unreadable.contains(&checkpoint::lambda_b_key(m, p)));
         let a_ok = self.check_a(a.as_ref(), b.as_ref(), r);
         let b_ok = self.check_b(b.as_ref(), r, out_max, &lambda_b, all_b_read);
         self.check_projection_presence(a.as_ref(), b.as_ref(), r, a_ok, b_ok, out_max);
@@ -456,26 +434,29 @@ impl TensorChecks<'_> {
         self.check_keys(&pairs);
     }
 
-    /// A = (2r, in_max).
+    /// A = (2r, in_max) (VeRA: (r, in_max)).
     fn check_a(&mut self, a: Option<&Tensor>, b: Option<&Tensor>, r: Option<usize>) -> bool {
         let Some(a) = a else { return false };
+        let m = self.method;
         let dims = a.dims();
-        let rows = r.map(|r| 2 * r).or_else(|| b.filter(|b| b.dims().len() == 2).map(|b| 2 * b.dims()[1]));
+        let rows = r.map(|r| m.latent_rows(r)).or_else(|| b.filter(|b| b.dims().len() == 2).map(|b| m.latent_rows(b.dims()[1])));
         let cols = if dims.len() == 2 { dims[1].to_string() } else { "in_max".into() };
         let ok = dims.len() == 2 && rows.is_none_or(|rows| dims[0] == rows);
         if !ok {
-            let rows_s = rows.map_or("2r".to_string(), |v| v.to_string());
+            let two_r = if m.samples() { "2r" } else { "r" };
+            let rows_s = rows.map_or(two_r.to_string(), |v| v.to_string());
             let why = match r {
                 Some(r) => format!("r={r} in adapter_config.json"),
-                None => "pvera_B's r columns".to_string(),
+                None => format!("{}'s r columns", proj_b_name(m)),
             };
             self.shape_error(
-                PROJ_A_KEY,
+                proj_a_key(m),
                 dims,
                 format!("[{rows_s}, {cols}]"),
                 format!(
-                    " (pvera_A is (2r, in_max), in_max the in-features of the largest targeted layer; {why}; \
-                     the projections do not belong to this adapter: re-save it)"
+                    " ({} is ({two_r}, in_max), in_max the in-features of the largest targeted layer; {why}; \
+                     the projections do not belong to this adapter: re-save it)",
+                    proj_a_name(m)
                 ),
             );
         }
@@ -493,16 +474,17 @@ impl TensorChecks<'_> {
         all_b_read: bool,
     ) -> bool {
         let Some(b) = b else { return false };
+        let (bk, bn) = (proj_b_key(self.method), proj_b_name(self.method));
         let dims = b.dims().to_vec();
         if dims.len() != 2 || r.is_some_and(|r| dims[1] != r) {
             let r_s = r.map_or("r".to_string(), |v| v.to_string());
             let rows = if dims.len() == 2 { dims[0].to_string() } else { "out_max".into() };
             self.shape_error(
-                PROJ_B_KEY,
+                bk,
                 &dims,
                 format!("[{rows}, {r_s}]"),
                 format!(
-                    " (pvera_B is (out_max, r), out_max the out-features of the largest targeted layer; r={r_s} \
+                    " ({bn} is (out_max, r), out_max the out-features of the largest targeted layer; r={r_s} \
                      in adapter_config.json; the projections do not belong to this adapter: re-save it)"
                 ),
             );
@@ -518,19 +500,19 @@ impl TensorChecks<'_> {
                     d,
                     format!("at most [{rows}]"),
                     format!(
-                        " (pvera_B has {rows} rows, one per out-feature of the largest targeted layer, and \
+                        " ({bn} has {rows} rows, one per out-feature of the largest targeted layer, and \
                          this λ_b is longer: λ_b and the projections come from different models)"
                     ),
                 );
             }
         } else if out_max < rows && all_b_read {
             self.shape_error(
-                PROJ_B_KEY,
+                bk,
                 &dims,
                 format!("[{out_max}, {}]", dims[1]),
                 format!(
-                    " (pvera_B has a row per out-feature of the largest targeted layer, but the longest λ_b \
-                     has {out_max} values: a λ_b is too short or pvera_B belongs to another model; \
+                    " ({bn} has a row per out-feature of the largest targeted layer, but the longest λ_b \
+                     has {out_max} values: a λ_b is too short or {bn} belongs to another model; \
                      `pvera inspect --model DIR` names the layer)"
                 ),
             );
@@ -552,15 +534,16 @@ impl TensorChecks<'_> {
         let Some(r) = r else { return };
         let key = cfg.projection_seed();
         let prng_key = cfg.projection_prng_key;
+        let m = self.method;
         let generate = |a: &Tensor, out: usize, kernel| {
             let in_max = a.dims().get(1).copied().unwrap_or(0);
-            generate_raw(key, r, in_max, out, kernel)
+            generate_raw(m, key, r, in_max, out, kernel)
         };
-        let a_present = self.present(PROJ_A_KEY);
-        let b_present = self.present(PROJ_B_KEY);
+        let a_present = self.present(proj_a_key(m));
+        let b_present = self.present(proj_b_key(m));
         match (cfg.save_projection, a, b) {
             (true, None, _) if !a_present => {
-                let e = missing_projections(&self.file);
+                let e = missing_projections(m, &self.file);
                 self.error(e);
             }
             (true, Some(a), None) if a_ok && !b_present => {
@@ -568,10 +551,10 @@ impl TensorChecks<'_> {
                 let (ga, _) = generate(a, 0, TorchKernel::Avx2);
                 let diff = bit_differences(&stored, &ga);
                 if diff == 0 {
-                    let message = regenerated_b_warning(&self.file, prng_key);
+                    let message = regenerated_b_warning(m, &self.file, prng_key);
                     self.problems.push(Problem::Warning(Notice { class: REGENERATED_B, message }));
                 } else {
-                    let e = unrecoverable_b(&self.file, prng_key, diff);
+                    let e = unrecoverable_b(m, &self.file, prng_key, diff);
                     self.error(e);
                 }
             }
@@ -612,12 +595,7 @@ impl TensorChecks<'_> {
                 }
                 if !save {
                     // The loader's warning (PeftModel::load_adapter_files).
-                    let message = format!(
-                        "{}: save_projection=false but the file carries pvera_A/pvera_B that \
-                         differ from the regenerated ones ({fa} + {fb} elements); pvera uses the \
-                         stored projections, PEFT would ignore them and give different outputs",
-                        self.file
-                    );
+                    let message = stored_projections_ignored_warning(m, &self.file, fa, fb);
                     self.problems.push(Problem::Warning(Notice { class: STORED_PROJECTIONS_IGNORED_BY_PEFT, message }));
                     return;
                 }
@@ -628,11 +606,15 @@ impl TensorChecks<'_> {
                     "neither torch kernel reproduces them (they were drawn from another key, trained or edited)"
                 };
                 let message = format!(
-                    "{}: the stored pvera_A/pvera_B differ from the projections regenerated from \
+                    "{}: the stored {}/{} differ from the projections regenerated from \
                      projection_prng_key={prng_key} in {} of {} elements; {kernel}. They load as stored \
                      (save_projection=true), but keep save_projection=true: with false the adapter would \
                      change (`--verify-projections` exits 3 for this)",
-                    self.file, cmp.differ_fma_kernel, cmp.elements
+                    self.file,
+                    proj_a_name(m),
+                    proj_b_name(m),
+                    cmp.differ_fma_kernel,
+                    cmp.elements
                 );
                 self.problems.push(Problem::Info(Notice { class: PROJECTIONS_NOT_FROM_KEY, message }));
             }
@@ -642,12 +624,7 @@ impl TensorChecks<'_> {
                 let da = bit_differences(&stored, &ga);
                 if da != 0 {
                     // The loader's warning (PeftModel::load_adapter_files).
-                    let message = format!(
-                        "{}: save_projection=false; the stored pvera_A differs from the \
-                         regenerated one in {da} elements and there is no pvera_B; using the \
-                         regenerated projections, as PEFT does",
-                        self.file
-                    );
+                    let message = stored_a_ignored_warning(m, &self.file, da);
                     self.problems.push(Problem::Warning(Notice { class: STORED_PROJECTIONS_IGNORED_BY_PEFT, message }));
                 }
             }
@@ -655,15 +632,17 @@ impl TensorChecks<'_> {
         }
     }
 
-    /// λ_d = [2r] (or A's rows), λ_b one-dimensional, both halves of every pair present.
+    /// λ_d = [2r] (VeRA: [r]; or A's rows), λ_b one-dimensional, both halves of every pair present.
     fn check_lambdas(&mut self, pairs: &BTreeMap<&str, (bool, bool)>, r: Option<usize>, a: Option<&Tensor>) {
-        let want_d = r.map(|r| (2 * r, format!("r={r} in adapter_config.json"))).or_else(|| {
-            a.map(|a| (a.dims()[0], format!("pvera_A has {} rows = 2r", a.dims()[0])))
+        let m = self.method;
+        let two_r = if m.samples() { "2r" } else { "r" };
+        let want_d = r.map(|r| (m.latent_rows(r), format!("r={r} in adapter_config.json"))).or_else(|| {
+            a.map(|a| (a.dims()[0], format!("{} has {} rows = {two_r}", proj_a_name(m), a.dims()[0])))
         });
         let mut missing = Vec::new();
         for (path, (has_b, has_d)) in pairs {
-            let kb = checkpoint::lambda_b_key(path);
-            let kd = checkpoint::lambda_d_key(path);
+            let kb = checkpoint::lambda_b_key(m, path);
+            let kd = checkpoint::lambda_d_key(m, path);
             if !has_b {
                 missing.push(kb.clone());
             }
@@ -688,7 +667,7 @@ impl TensorChecks<'_> {
                         &kd,
                         &dims,
                         format!("[{n}]"),
-                        format!(" (λ_d holds 2r values for layer {path}; {why}; the adapter was saved with another r)"),
+                        format!(" (λ_d holds {two_r} values for layer {path}; {why}; the adapter was saved with another r)"),
                     );
                 }
             }
@@ -697,10 +676,12 @@ impl TensorChecks<'_> {
             let file = self.file.clone();
             self.error(Error::MissingTensor {
                 file,
-                key: format!("{}, {}", checkpoint::lambda_b_key("<module>"), checkpoint::lambda_d_key("<module>")),
-                hint: " (the file holds no λ tensors at all, so no layer would be adapted; it is not a saved \
-                       PVeRA adapter, or it was written empty: re-save it)"
-                    .into(),
+                key: format!("{}, {}", checkpoint::lambda_b_key(m, "<module>"), checkpoint::lambda_d_key(m, "<module>")),
+                hint: format!(
+                    " (the file holds no λ tensors at all, so no layer would be adapted; it is not a saved \
+                     {} adapter, or it was written empty: re-save it)",
+                    m.name()
+                ),
             });
         }
         if !missing.is_empty() {
@@ -710,9 +691,11 @@ impl TensorChecks<'_> {
                 file,
                 key: shown(&missing),
                 hint: format!(
-                    " ({n} λ tensor(s) missing: every adapted layer needs both pvera_lambda_b and \
-                     pvera_lambda_d, and the file has only one of them for these layers; PEFT would load the \
-                     adapter half-initialised with only a warning. Re-save the adapter)"
+                    " ({n} λ tensor(s) missing: every adapted layer needs both {} and \
+                     {}, and the file has only one of them for these layers; PEFT would load the \
+                     adapter half-initialised with only a warning. Re-save the adapter)",
+                    checkpoint::lambda_b_name(m),
+                    checkpoint::lambda_d_name(m)
                 ),
             });
         }
@@ -726,13 +709,13 @@ impl TensorChecks<'_> {
         // save_projection=false regenerates.
         let regenerated = self.config.is_some_and(|c| !c.save_projection);
         for (key, t) in self.tensors {
-            let kind = checkpoint::classify_key(key);
+            let kind = checkpoint::classify_key(self.method, key);
             let projection = matches!(kind, KeyKind::ProjectionA | KeyKind::ProjectionB);
             if self.is_foreign(key, pairs) || (projection && regenerated) {
                 continue;
             }
             if !is_float(&t.tensor) {
-                if !matches!(checkpoint::classify_key(key), KeyKind::Other | KeyKind::ModuleParam { .. }) {
+                if !matches!(kind, KeyKind::Other | KeyKind::ModuleParam { .. }) {
                     integer.push(format!("{key} ({})", t.file_dtype));
                 }
                 continue;
@@ -764,10 +747,10 @@ impl TensorChecks<'_> {
     /// the config. Without a (valid) config only keys no adapter has are foreign.
     fn is_foreign(&self, key: &str, pairs: &BTreeMap<&str, (bool, bool)>) -> bool {
         let Some(cfg) = self.config else {
-            return checkpoint::classify_key(key) == KeyKind::Other;
+            return checkpoint::classify_key(self.method, key) == KeyKind::Other;
         };
         let mts: &[String] = cfg.modules_to_save.as_deref().unwrap_or(&[]);
-        let known = match checkpoint::classify_key(key) {
+        let known = match checkpoint::classify_key(self.method, key) {
             KeyKind::Lambda { .. } | KeyKind::ProjectionA | KeyKind::ProjectionB => true,
             KeyKind::TargetedBias { path } => cfg.bias != Bias::None && pairs.contains_key(path),
             KeyKind::ModuleParam { path, param } => {
@@ -804,7 +787,7 @@ impl TensorChecks<'_> {
         let untargeted: Vec<String> = pairs
             .keys()
             .filter(|p| !matcher.matches(p))
-            .map(|p| checkpoint::lambda_b_key(p))
+            .map(|p| checkpoint::lambda_b_key(self.method, p))
             .collect();
         if !untargeted.is_empty() {
             let message = format!(

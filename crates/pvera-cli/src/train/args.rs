@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::DType;
-use pvera::config::{Bias, LayersToTransform, PveraConfig, TargetModules};
+use pvera::config::{Bias, LayersToTransform, Method, PveraConfig, TargetModules};
 use pvera::data::labelled::max_positions;
 use pvera::models::heads::Pooling;
 use pvera::models::loader::ModelDir;
@@ -37,6 +37,25 @@ impl TaskKind {
     }
 }
 
+/// `--method`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MethodArg {
+    /// PVeRA (PEFT's PveraConfig).
+    Pvera,
+    /// VeRA (PEFT's VeraConfig).
+    Vera,
+}
+
+impl MethodArg {
+    /// The library's method.
+    pub fn method(self) -> Method {
+        match self {
+            MethodArg::Pvera => Method::Pvera,
+            MethodArg::Vera => Method::Vera,
+        }
+    }
+}
+
 /// Arguments of `pvera train`.
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
@@ -63,7 +82,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub pad_token: Option<String>,
 
-    // ---- adapter (PEFT's PveraConfig) ----
+    // ---- adapter (PEFT's PveraConfig / VeraConfig) ----
+    /// Adapter method: pvera (probabilistic latent) or vera (PEFT's VeraConfig, no latent).
+    #[arg(long, value_enum, default_value_t = MethodArg::Pvera)]
+    pub method: MethodArg,
     /// Rank of the shared random projections.
     #[arg(long, default_value_t = 256)]
     pub r: i64,
@@ -90,7 +112,7 @@ pub struct TrainArgs {
     /// classification tasks.
     #[arg(long)]
     pub modules_to_save: Option<String>,
-    /// Biases to train: none, all or pvera_only.
+    /// Biases to train: none, all or pvera_only (vera_only).
     #[arg(long, default_value = "none")]
     pub bias: String,
 
@@ -107,7 +129,7 @@ pub struct TrainArgs {
     /// AdamW decoupled weight decay.
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
-    /// β of the KL term of the PVeRA latent.
+    /// β of the KL term of the PVeRA latent (PVeRA only).
     #[arg(long, default_value_t = 0.0)]
     pub kl_weight: f64,
     /// Seed: split, shuffling, head initialisation, dropout.
@@ -188,7 +210,7 @@ pub fn flag_error(e: pvera::Error) -> anyhow::Error {
     match e {
         pvera::Error::InvalidConfig { field, reason } => {
             let flag = match field.as_str() {
-                "pvera_dropout" => "dropout".to_string(),
+                "pvera_dropout" | "vera_dropout" => "dropout".to_string(),
                 "betas" | "eps" | "min_delta" | "restore_best" => field.clone(),
                 f => f.replace('_', "-"),
             };
@@ -200,12 +222,23 @@ pub fn flag_error(e: pvera::Error) -> anyhow::Error {
 }
 
 pub fn adapter_config(args: &TrainArgs, model_type: &str, classification: bool) -> Result<PveraConfig> {
-    let mut cfg = PveraConfig { r: args.r, ..PveraConfig::default() };
+    let method = args.method.method();
+    if method == Method::Vera && args.kl_weight != 0.0 {
+        usage!(
+            "--kl-weight {}: a VeRA adapter has no latent, so there is no KL term; drop --kl-weight or use \
+             --method pvera",
+            args.kl_weight
+        );
+    }
+    let mut cfg = PveraConfig { r: args.r, ..PveraConfig::for_method(method) };
     cfg.target_modules = args.target_modules.as_deref().map(parse_target_modules);
-    if cfg.target_modules.is_none() && model_type == "vit" {
-        // PEFT's default table has no ViT entry; the attention's query and value (DINOv2's PEFT
-        // default) are the paper's choice for vision transformers. Written into the config, so
-        // PEFT loads the adapter as it is.
+    if cfg.target_modules.is_none()
+        && pvera::targets::default_target_modules(method, model_type).is_none()
+        && matches!(model_type, "vit" | "dinov2")
+    {
+        // PEFT's default tables have no ViT entry (and VeRA's none for DINOv2); the attention's
+        // query and value (PVeRA's DINOv2 default) are the paper's choice for vision transformers.
+        // Written into the config, so PEFT loads the adapter as it is.
         cfg.target_modules = Some(TargetModules::list(vec!["query".to_string(), "value".to_string()]));
     }
     if let Some(l) = &args.layers_to_transform {
@@ -219,7 +252,7 @@ pub fn adapter_config(args: &TrainArgs, model_type: &str, classification: bool) 
         cfg.layers_to_transform = Some(if v.len() == 1 { LayersToTransform::One(v[0]) } else { LayersToTransform::Many(v) });
     }
     cfg.d_initial = args.d_initial;
-    cfg.pvera_dropout = args.dropout;
+    cfg.dropout = args.dropout;
     cfg.projection_prng_key = args.projection_prng_key;
     cfg.save_projection = args.save_projection;
     // The classifier head of a classification task is always trained; --modules-to-save adds to it.

@@ -1,4 +1,5 @@
-//! `pvera train`: fine-tune a frozen model with a fresh PVeRA adapter on a local data set.
+//! `pvera train`: fine-tune a frozen model with a fresh PVeRA (or, `--method vera`, VeRA) adapter
+//! on a local data set.
 //!
 //! [`args`] checks every flag and path before any work; this file opens the data through the
 //! library (`pvera::data::labelled`), writes the library's task metadata into every adapter folder
@@ -231,6 +232,7 @@ fn run_causal(args: &TrainArgs, c: &Checked, started: Instant) -> Result<u8> {
 fn finish(args: &TrainArgs, report: &TrainReport, eval: serde_json::Value, started: Instant) -> Result<u8> {
     write_curves(&args.output, &report.epochs)?;
     let mut json = serde_json::to_value(report)?;
+    json["method"] = serde_json::json!(args.method.method().name());
     json["eval"] = eval;
     json["wall_seconds"] = serde_json::json!(started.elapsed().as_secs_f64());
     pvera::checkpoint::write_atomic(&args.output.join("metrics.json"), (serde_json::to_string_pretty(&json)? + "\n").as_bytes())?;

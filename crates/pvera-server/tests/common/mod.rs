@@ -31,6 +31,11 @@ pub fn tokenizer() -> PathBuf {
 /// `max_length` tokens): λ's and head drawn from `seed`, λ_d large enough that sampling the
 /// latent visibly moves the probabilities.
 pub fn make_adapter(dir: &Path, seed: u64, labels: &[&str], max_length: usize) {
+    make_adapter_of(pvera::config::Method::Pvera, dir, seed, labels, max_length)
+}
+
+/// [`make_adapter`] for either method (a VeRA adapter: PEFT's `VeraConfig`, no latent).
+pub fn make_adapter_of(method: pvera::config::Method, dir: &Path, seed: u64, labels: &[&str], max_length: usize) {
     let md = ModelDir::open(&bert()).unwrap();
     let state = Arc::new(RunState::new(seed));
     let (model, registry, info) = Classifier::load(&md, labels.len(), Pooling::Mean, None, &Device::Cpu, state, seed).unwrap();
@@ -38,7 +43,7 @@ pub fn make_adapter(dir: &Path, seed: u64, labels: &[&str], max_length: usize) {
         r: 8,
         target_modules: Some(TargetModules::List(vec!["query".into(), "value".into()])),
         modules_to_save: Some(vec!["classifier".into()]),
-        ..PveraConfig::default()
+        ..PveraConfig::for_method(method)
     };
     let pm = PeftModel::new(model, registry, info, cfg, "default").unwrap();
     let mut g = TorchGenerator::new(seed + 1000);

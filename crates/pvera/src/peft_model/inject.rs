@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{AdapterInfo, NameForm, PeftModel};
-use crate::config::{Bias, LayersToTransform, PveraConfig, TargetModules};
+use crate::config::{Bias, LayersToTransform, Method, PveraConfig, TargetModules};
 use crate::error::{Error, Result};
 use crate::layer::{Linear, SlotSpec};
 use crate::projection::Projections;
@@ -21,8 +21,8 @@ impl<M> PeftModel<M> {
     pub(super) fn resolve_targets(&self, config: &mut PveraConfig) -> Result<()> {
         match &config.target_modules {
             None => {
-                let found = targets::default_target_modules(&self.info.model_type).ok_or_else(|| {
-                    Error::NoDefaultTargets { model_type: self.info.model_type.clone() }
+                let found = targets::default_target_modules(config.method, &self.info.model_type).ok_or_else(|| {
+                    Error::NoDefaultTargets { method: config.method, model_type: self.info.model_type.clone() }
                 })?;
                 config.target_modules = Some(found);
             }
@@ -78,7 +78,7 @@ impl<M> PeftModel<M> {
             if more > 0 {
                 known.push_str(&format!(", ... ({more} more)"));
             }
-            return Err(Error::NoTargetMatched { patterns, known });
+            return Err(Error::NoTargetMatched { method: config.method, patterns, known });
         }
         Ok(matched)
     }
@@ -125,7 +125,8 @@ impl<M> PeftModel<M> {
         Err(Error::config("layers_to_transform", reason))
     }
 
-    /// PEFT's `_check_new_adapter_config` against the existing adapters.
+    /// PEFT's `_check_new_adapter_config` against the existing adapters (of the same method: a
+    /// VeRA and a PVeRA adapter have separate projections).
     pub(super) fn check_new_adapter(&self, name: &str, config: &PveraConfig) -> Result<()> {
         if self.adapters.contains_key(name) {
             return Err(Error::Adapter(format!(
@@ -135,20 +136,33 @@ impl<M> PeftModel<M> {
         if name.is_empty() {
             return Err(Error::Adapter("adapter names must not be empty".into()));
         }
-        if let Some(first) = self.order.first().and_then(|n| self.adapters.get(n)) {
+        let method = config.method;
+        if let Some(first) = self.first_of(method) {
+            // PEFT's texts: "PVeRA PRNG ..." / "Vera PRNG ...".
+            let prng = match method {
+                Method::Pvera => "PVeRA",
+                Method::Vera => "Vera",
+            };
             if first.config.projection_prng_key != config.projection_prng_key {
                 return Err(Error::Adapter(format!(
-                    "PVeRA PRNG initialisation key must be the same for all adapters. Got \
+                    "{prng} PRNG initialisation key must be the same for all adapters. Got \
                      config.projection_prng_key={} but previous config had {}.",
                     config.projection_prng_key, first.config.projection_prng_key
                 )));
             }
             if first.config.save_projection != config.save_projection {
+                let (a, b) = (first.config.save_projection, config.save_projection);
+                // PEFT's VeRA sorts the set (False first); PVeRA prints it as Python's set does.
+                let (a, b) = if method == Method::Vera { (a.min(b), a.max(b)) } else { (a, b) };
+                let set = if method == Method::Vera { ("[", "]") } else { ("{", "}") };
                 return Err(Error::Adapter(format!(
-                    "PVeRA projection weights must be saved for all adapters or none, but got \
-                     multiple different values: {{{}, {}}}",
-                    py_bool(first.config.save_projection),
-                    py_bool(config.save_projection)
+                    "{} projection weights must be saved for all adapters or none, but got \
+                     multiple different values: {}{}, {}{}",
+                    method.name(),
+                    set.0,
+                    py_bool(a),
+                    py_bool(b),
+                    set.1
                 )));
             }
         }
@@ -156,8 +170,9 @@ impl<M> PeftModel<M> {
             + usize::from(config.bias != Bias::None);
         if with_bias > 1 {
             return Err(Error::Adapter(format!(
-                "PveraModel supports only 1 adapter with bias. When using multiple adapters, set \
+                "{} supports only 1 adapter with bias. When using multiple adapters, set \
                  bias to 'none' for all adapters (adapter {name:?} has bias {:?}).",
+                method.model_class(),
                 bias_str(&config.bias)
             )));
         }
@@ -190,13 +205,15 @@ impl<M> PeftModel<M> {
             config.fan_in_fan_out = false;
         }
 
-        let projections = match (projections, self.order.first().and_then(|n| self.adapters.get(n))) {
+        let method = config.method;
+        let projections = match (projections, self.first_of(method)) {
             (Some(p), _) => p,
             (None, Some(first)) => first.projections.clone(),
             (None, None) => {
                 let in_max = matched.iter().map(|l| l.site().in_features()).max().unwrap_or(0);
                 let out_max = matched.iter().map(|l| l.site().out_features()).max().unwrap_or(0);
                 Arc::new(Projections::generate(
+                    method,
                     config.projection_seed(),
                     r,
                     in_max,
@@ -208,8 +225,8 @@ impl<M> PeftModel<M> {
         };
         if projections.r() != r {
             return Err(Error::Projection(format!(
-                "adapter {name:?} has r={r} but the model's shared projections have rank {} (set by \
-                 the first adapter); all PVeRA adapters of one model must use the same r",
+                "adapter {name:?} has r={r} but the model's shared {method} projections have rank {} (set by \
+                 the first {method} adapter); all {method} adapters of one model must use the same r",
                 projections.r()
             )));
         }
@@ -224,8 +241,9 @@ impl<M> PeftModel<M> {
                     NoisePolicy::Independent => mix_seed(s, site.path()),
                 });
                 let spec = SlotSpec {
+                    method,
                     r,
-                    dropout: config.pvera_dropout,
+                    dropout: config.dropout,
                     sample_at_inference: config.sample_at_inference.for_module(site.path()),
                     generator_seed: seed,
                     init_weights: config.init_weights,
@@ -320,9 +338,10 @@ impl<M> PeftModel<M> {
 
     /// `add_adapter(name, config)`: a new, inactive adapter.
     pub fn add_adapter(&mut self, name: &str, config: PveraConfig) -> Result<()> {
-        if "pvera_lambda_".contains(name) {
+        let prefix = format!("{}_lambda_", config.method.stem());
+        if prefix.contains(name) {
             self.warn(format!(
-                "Adapter name {name:?} should not be contained in the prefix \"pvera_lambda_\"; \
+                "Adapter name {name:?} should not be contained in the prefix \"{prefix}\"; \
                  this may lead to reinitialization of the adapter weights during loading."
             ));
         }

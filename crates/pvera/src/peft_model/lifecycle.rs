@@ -82,12 +82,16 @@ impl<M> PeftModel<M> {
     /// Switches sampling at inference at run time for adapter `adapter`: in every adapted layer
     /// (`modules = None`) or in the layers whose module path equals, or ends with `.` + one of,
     /// `modules` (the matching of the config's per-module `sample_at_inference` dict). Returns the
-    /// module paths switched. Every name is checked before anything changes: a module no layer of
+    /// module paths switched. Switching a VeRA adapter on is an [`Error::Request`] (it has no
+    /// latent). Every name is checked before anything changes: a module no layer of
     /// the adapter matches is an error (a typo is not silently ignored) and leaves all flags as
     /// they were.
     pub fn set_sample_at_inference(&self, adapter: &str, modules: Option<&[&str]>, on: bool) -> Result<Vec<String>> {
-        if !self.adapters.contains_key(adapter) {
+        let Some(info) = self.adapters.get(adapter) else {
             return Err(Error::UnknownAdapter { name: adapter.to_string(), known: format!("{:?}", self.adapter_names()) });
+        };
+        if on && !info.config.method.samples() {
+            return Err(crate::layer::vera_cannot_sample(adapter));
         }
         let matches = |path: &str, m: &str| {
             path == m || (path.len() > m.len() && path.ends_with(m) && path.as_bytes()[path.len() - m.len() - 1] == b'.')

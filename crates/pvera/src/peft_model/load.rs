@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor, Var};
 
 use super::{NameForm, PeftModel};
-use crate::checkpoint::{self, AdapterFiles, PROJ_A_KEY, PROJ_B_KEY};
+use crate::checkpoint::{self, proj_a_key, proj_a_name, proj_b_key, proj_b_name, AdapterFiles};
 use crate::error::{Error, Result};
 use crate::layer::count_non_finite;
 use crate::projection::{count_bit_differences, Projections};
@@ -35,15 +35,19 @@ impl<M> PeftModel<M> {
             other => other,
         })?;
         let r = usize::try_from(config.r).map_err(|_| Error::config("r", "must be positive"))?;
+        let method = config.method;
+        let (proj_a, proj_b) = (proj_a_key(method), proj_b_key(method));
+        let (an, bn) = (proj_a_name(method), proj_b_name(method));
+        let a_rows = method.latent_rows(r);
 
         // Projections: PEFT regenerates from the key, sized by the matched layers of this model,
         // then (save_projection) overwrites them with the checkpoint's.
-        let a_file = tensors.get(PROJ_A_KEY).map(|t| t.tensor.clone());
-        let b_file = tensors.get(PROJ_B_KEY).map(|t| t.tensor.clone());
+        let a_file = tensors.get(proj_a).map(|t| t.tensor.clone());
+        let b_file = tensors.get(proj_b).map(|t| t.tensor.clone());
         let mut probe = config.clone();
         self.resolve_targets(&mut probe)?;
         let matched = self.matched_sites(&probe)?;
-        let (in_max, out_max) = match self.order.first().and_then(|n| self.adapters.get(n)) {
+        let (in_max, out_max) = match self.first_of(method) {
             Some(first) => (first.projections.in_max(), first.projections.out_max()),
             None => (
                 matched.iter().map(|l| l.site().in_features()).max().unwrap_or(0),
@@ -51,7 +55,7 @@ impl<M> PeftModel<M> {
             ),
         };
         let regenerated = || {
-            Projections::generate(config.projection_seed(), r, in_max, out_max, self.kernel, self.registry.device())
+            Projections::generate(method, config.projection_seed(), r, in_max, out_max, self.kernel, self.registry.device())
         };
         let check_shape = |key: &str, t: &Tensor, want: (usize, usize)| -> Result<()> {
             if t.dims() != [want.0, want.1] {
@@ -71,56 +75,32 @@ impl<M> PeftModel<M> {
         };
         let mut warnings = Vec::new();
         let projections: Option<Arc<Projections>> = match (config.save_projection, a_file, b_file) {
-            (true, None, _) => {
-                return Err(Error::MissingTensor {
-                    file: file.clone(),
-                    key: PROJ_A_KEY.into(),
-                    hint: ": Specified to load pvera_A and pvera_B from state dictionary however \
-                           they were not present! (the config says save_projection=true; if the \
-                           projections were deliberately left out, set \"save_projection\": false \
-                           in adapter_config.json to regenerate them from projection_prng_key)"
-                        .into(),
-                })
-            }
+            (true, None, _) => return Err(checkpoint::missing_projections(method, &file)),
             (true, Some(a), Some(b)) => {
-                check_shape(PROJ_A_KEY, &a, (2 * r, in_max))?;
-                check_shape(PROJ_B_KEY, &b, (out_max, r))?;
-                let p = Projections::from_tensors(a, b)?;
-                check_finite_tensor(p.a(), &file, PROJ_A_KEY)?;
-                check_finite_tensor(p.b(), &file, PROJ_B_KEY)?;
+                check_shape(proj_a, &a, (a_rows, in_max))?;
+                check_shape(proj_b, &b, (out_max, r))?;
+                let p = Projections::from_tensors(method, a, b)?;
+                check_finite_tensor(p.a(), &file, proj_a)?;
+                check_finite_tensor(p.b(), &file, proj_b)?;
                 Some(Arc::new(p))
             }
             (true, Some(a), None) => {
-                check_shape(PROJ_A_KEY, &a, (2 * r, in_max))?;
+                check_shape(proj_a, &a, (a_rows, in_max))?;
                 let regen = regenerated()?;
                 let diff = count_bit_differences(&a.to_dtype(DType::F32)?, regen.a())?;
                 if diff != 0 {
-                    return Err(Error::MissingTensor {
-                        file: file.clone(),
-                        key: PROJ_B_KEY.into(),
-                        hint: format!(
-                            ": the file has pvera_A but no pvera_B, and its pvera_A differs from the \
-                             one regenerated from projection_prng_key={} in {diff} elements, so B \
-                             cannot be recovered (PEFT would silently use a regenerated B). Re-save \
-                             the adapter with both projections.",
-                            config.projection_prng_key
-                        ),
-                    });
+                    return Err(checkpoint::unrecoverable_b(method, &file, config.projection_prng_key, diff));
                 }
-                warnings.push(format!(
-                    "{file}: pvera_B is missing (PEFT silently regenerates it); pvera_A equals the \
-                     projection regenerated from projection_prng_key={}, so the regenerated B is used",
-                    config.projection_prng_key
-                ));
+                warnings.push(checkpoint::regenerated_b_warning(method, &file, config.projection_prng_key));
                 Some(Arc::new(regen))
             }
             (false, Some(a), b) => {
-                check_shape(PROJ_A_KEY, &a, (2 * r, in_max))?;
+                check_shape(proj_a, &a, (a_rows, in_max))?;
                 let regen = regenerated()?;
                 let da = count_bit_differences(&a.to_dtype(DType::F32)?, regen.a())?;
                 let db = match &b {
                     Some(b) => {
-                        check_shape(PROJ_B_KEY, b, (out_max, r))?;
+                        check_shape(proj_b, b, (out_max, r))?;
                         count_bit_differences(&b.to_dtype(DType::F32)?, regen.b())?
                     }
                     None => 0,
@@ -128,24 +108,16 @@ impl<M> PeftModel<M> {
                 if da == 0 && db == 0 {
                     Some(Arc::new(regen))
                 } else if let Some(b) = b {
-                    warnings.push(format!(
-                        "{file}: save_projection=false but the file carries pvera_A/pvera_B that \
-                         differ from the regenerated ones ({da} + {db} elements); pvera uses the \
-                         stored projections, PEFT would ignore them and give different outputs"
-                    ));
-                    Some(Arc::new(Projections::from_tensors(a, b)?))
+                    warnings.push(checkpoint::stored_projections_ignored_warning(method, &file, da, db));
+                    Some(Arc::new(Projections::from_tensors(method, a, b)?))
                 } else {
-                    warnings.push(format!(
-                        "{file}: save_projection=false; the stored pvera_A differs from the \
-                         regenerated one in {da} elements and there is no pvera_B; using the \
-                         regenerated projections, as PEFT does"
-                    ));
+                    warnings.push(checkpoint::stored_a_ignored_warning(method, &file, da));
                     Some(Arc::new(regen))
                 }
             }
             (false, None, _) => {
                 warnings.push(format!(
-                    "{file}: save_projection=false: pvera_A and pvera_B are regenerated from \
+                    "{file}: save_projection=false: {an} and {bn} are regenerated from \
                      projection_prng_key={} (relying on PRNG initialisation; bit-exact with \
                      PyTorch's AVX2 kernel)",
                     config.projection_prng_key
@@ -154,15 +126,15 @@ impl<M> PeftModel<M> {
             }
         };
         // A second adapter whose projections differ keeps its own (PEFT would overwrite).
-        let projections = match (projections, self.order.first().and_then(|n| self.adapters.get(n))) {
-            (Some(p), Some(first)) => {
-                if p.bit_equal(&first.projections)? {
-                    Some(first.projections.clone())
+        let first = self.first_name_of(method).and_then(|n| Some((self.adapters.get(n)?.projections.clone(), n.clone())));
+        let projections = match (projections, first) {
+            (Some(p), Some((first, first_name))) => {
+                if p.bit_equal(&first)? {
+                    Some(first)
                 } else {
                     warnings.push(format!(
                         "adapter {name:?} brings projections that differ from those of adapter \
-                         {:?}; pvera keeps both (PEFT would overwrite the first adapter's)",
-                        self.order[0]
+                         {first_name:?}; pvera keeps both (PEFT would overwrite the first adapter's)"
                     ));
                     Some(p)
                 }
@@ -176,7 +148,7 @@ impl<M> PeftModel<M> {
             let hits = matched
                 .iter()
                 .filter_map(|l| self.form_name(&form, l.site().path()))
-                .filter(|n| tensors.contains_key(&checkpoint::lambda_b_key(n)))
+                .filter(|n| tensors.contains_key(&checkpoint::lambda_b_key(method, n)))
                 .count();
             if hits > best.0 {
                 best = (hits, form);
@@ -206,13 +178,14 @@ impl<M> PeftModel<M> {
         file: &str,
     ) -> Result<()> {
         let info = self.adapter(name)?.clone();
-        let mut used: std::collections::BTreeSet<&str> = [PROJ_A_KEY, PROJ_B_KEY].into_iter().collect();
+        let method = info.config.method;
+        let mut used: std::collections::BTreeSet<&str> = [proj_a_key(method), proj_b_key(method)].into_iter().collect();
         let mut missing = Vec::new();
         for path in &info.targets {
             let Some(site) = self.registry.site(path) else { continue };
             let fname = self.file_name(&info, path);
-            let kb = checkpoint::lambda_b_key(&fname);
-            let kd = checkpoint::lambda_d_key(&fname);
+            let kb = checkpoint::lambda_b_key(method, &fname);
+            let kd = checkpoint::lambda_d_key(method, &fname);
             let (Some(b), Some(d)) = (tensors.get(&kb), tensors.get(&kd)) else {
                 if !tensors.contains_key(&kb) {
                     missing.push(kb);
@@ -224,7 +197,7 @@ impl<M> PeftModel<M> {
             };
             let r = usize::try_from(info.config.r).unwrap_or(0);
             let exp_b = [site.out_features()];
-            let exp_d = [2 * r];
+            let exp_d = [method.latent_rows(r)];
             for (key, t, exp) in [(&kb, &b.tensor, &exp_b[..]), (&kd, &d.tensor, &exp_d[..])] {
                 if t.dims() != exp {
                     return Err(Error::ShapeMismatch {
@@ -291,7 +264,7 @@ impl<M> PeftModel<M> {
         }
         let unexpected: Vec<&String> = tensors.keys().filter(|k| !used.contains(k.as_str())).collect();
         let unexpected_lambdas: Vec<&&String> =
-            unexpected.iter().filter(|k| checkpoint::parse_lambda_key(k).is_some()).collect();
+            unexpected.iter().filter(|k| checkpoint::parse_lambda_key(method, k).is_some()).collect();
         if !unexpected_lambdas.is_empty() {
             let n = unexpected_lambdas.len();
             let shown: Vec<String> = unexpected_lambdas.iter().take(6).map(|s| s.to_string()).collect();

@@ -11,6 +11,8 @@
 //!   copies them into one shared buffer);
 //! - a rank different from the first adapter's is refused up front (PEFT fails later, in the
 //!   forward pass);
+//! - PVeRA and VeRA adapters may live on one model (PEFT has one method per model): each method
+//!   has its own shared projections, sized and seeded by its first adapter;
 //! - loading refuses missing λ tensors, λ tensors for modules that are not targeted, wrong
 //!   shapes and non-finite values (PEFT warns or ignores), and checks a checkpoint without
 //!   `pvera_B` against the regenerated projections.
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use candle_core::{Tensor, Var};
 
 use crate::builder::{ModelInfo, Registry};
-use crate::config::PveraConfig;
+use crate::config::{Method, PveraConfig};
 use crate::error::{Error, Result};
 use crate::projection::Projections;
 use crate::rng::TorchKernel;
@@ -39,7 +41,8 @@ pub use save::{format_trainable_line, group_thousands};
 /// A trainable tensor and the name PEFT gives it in `named_parameters()` (without the adapter).
 #[derive(Clone, Debug)]
 pub struct NamedVar {
-    /// Key as it appears in the adapter file (`base_model.model.<path>.pvera_lambda_b`, ...).
+    /// Key as it appears in the adapter file (`base_model.model.<path>.pvera_lambda_b`,
+    /// `...vera_lambda_b`, ...).
     pub name: String,
     /// The variable.
     pub var: Var,
@@ -83,7 +86,7 @@ pub struct AdapterInfo {
 /// Warnings produced by an operation (the library never prints; callers decide).
 pub type Warnings = Vec<String>;
 
-/// A model with PVeRA adapters.
+/// A model with PVeRA and / or VeRA adapters.
 pub struct PeftModel<M> {
     model: M,
     registry: Registry,
@@ -188,6 +191,22 @@ impl<M> PeftModel<M> {
     /// The config of an adapter (`peft_config[name]`).
     pub fn peft_config(&self, name: &str) -> Result<&PveraConfig> {
         Ok(&self.adapter(name)?.config)
+    }
+
+    /// The method of an adapter (PVeRA or VeRA).
+    pub fn method(&self, name: &str) -> Result<Method> {
+        Ok(self.adapter(name)?.config.method)
+    }
+
+    /// The first adapter (in the order they were added) of `method`: it sized and seeded the
+    /// projections every later adapter of that method shares (PEFT's rule, per method).
+    pub(crate) fn first_of(&self, method: Method) -> Option<&AdapterInfo> {
+        self.first_name_of(method).and_then(|n| self.adapters.get(n))
+    }
+
+    /// The name of [`PeftModel::first_of`].
+    pub(crate) fn first_name_of(&self, method: Method) -> Option<&String> {
+        self.order.iter().find(|n| self.adapters.get(*n).is_some_and(|a| a.config.method == method))
     }
 
     /// Warnings accumulated by loads, adds and saves since the last call; drains them.

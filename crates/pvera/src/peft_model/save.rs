@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 
 use super::{NamedVar, PeftModel, Warnings};
-use crate::checkpoint::{self, PROJ_A_KEY, PROJ_B_KEY};
+use crate::checkpoint;
 use crate::error::Result;
 
 impl<M> PeftModel<M> {
@@ -22,9 +22,10 @@ impl<M> PeftModel<M> {
             }
             for path in &info.targets {
                 let Some(site) = self.registry.site(path) else { continue };
+                let m = info.config.method;
                 site.with_slot(name, |s| {
-                    out.push(NamedVar { name: checkpoint::lambda_b_key(&self.file_name(info, path)), var: s.lambda_b().clone() });
-                    out.push(NamedVar { name: checkpoint::lambda_d_key(&self.file_name(info, path)), var: s.lambda_d().clone() });
+                    out.push(NamedVar { name: checkpoint::lambda_b_key(m, &self.file_name(info, path)), var: s.lambda_b().clone() });
+                    out.push(NamedVar { name: checkpoint::lambda_d_key(m, &self.file_name(info, path)), var: s.lambda_d().clone() });
                 })?;
             }
             for path in &info.modules_to_save {
@@ -77,17 +78,18 @@ impl<M> PeftModel<M> {
     /// The tensors PEFT's `get_peft_model_state_dict` yields for one adapter, by file key.
     pub fn adapter_state_dict(&self, name: &str) -> Result<BTreeMap<String, Tensor>> {
         let info = self.adapter(name)?;
+        let m = info.config.method;
         let mut out = BTreeMap::new();
         for path in &info.targets {
             let Some(site) = self.registry.site(path) else { continue };
             site.with_slot(name, |s| {
-                out.insert(checkpoint::lambda_b_key(&self.file_name(info, path)), s.lambda_b().as_detached_tensor());
-                out.insert(checkpoint::lambda_d_key(&self.file_name(info, path)), s.lambda_d().as_detached_tensor());
+                out.insert(checkpoint::lambda_b_key(m, &self.file_name(info, path)), s.lambda_b().as_detached_tensor());
+                out.insert(checkpoint::lambda_d_key(m, &self.file_name(info, path)), s.lambda_d().as_detached_tensor());
             })?;
         }
         if info.config.save_projection {
-            out.insert(PROJ_A_KEY.to_string(), info.projections.a().clone());
-            out.insert(PROJ_B_KEY.to_string(), info.projections.b().clone());
+            out.insert(checkpoint::proj_a_key(m).to_string(), info.projections.a().clone());
+            out.insert(checkpoint::proj_b_key(m).to_string(), info.projections.b().clone());
         }
         for path in &info.modules_to_save {
             let Some(site) = self.registry.site(path) else { continue };
@@ -111,7 +113,7 @@ impl<M> PeftModel<M> {
             if t.dtype() == DType::F16 || t.dtype() == DType::BF16 {
                 // PEFT autocasts adapter weights to f32 (cast_adapter_dtype); base-module copies
                 // keep the model dtype.
-                if checkpoint::parse_lambda_key(k).is_some() {
+                if checkpoint::parse_lambda_key(m, k).is_some() {
                     *t = t.to_dtype(DType::F32)?;
                 }
             }

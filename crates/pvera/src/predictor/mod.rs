@@ -653,7 +653,9 @@ impl Predictor {
     }
 
     /// Predicts a batch of encoded inputs with `adapter`: the mean mode always, Monte Carlo
-    /// statistics when `cfg.samples ≥ 2` (the inputs numbered from 0 for their noise).
+    /// statistics when `cfg.samples ≥ 2` (the inputs numbered from 0 for their noise). A VeRA
+    /// adapter has the mean mode only: `samples ≥ 2` is an [`Error::Request`]
+    /// (`self.peft_model().method(adapter)` tells a front end beforehand).
     pub fn predict(&mut self, adapter: &str, inputs: &ModelInputs, cfg: &PredictConfig) -> Result<Vec<Prediction>> {
         self.predict_from(adapter, inputs, cfg, 0)
     }

@@ -811,6 +811,19 @@ impl Trainer {
                     .into(),
             ));
         }
+        if cfg.kl_weight > 0.0 {
+            let active = model.active_adapters();
+            if !active.is_empty() && active.iter().all(|a| model.method(a).is_ok_and(|m| !m.samples())) {
+                return Err(Error::config(
+                    "kl_weight",
+                    format!(
+                        "{}: the adapter(s) {active:?} are VeRA adapters, which have no latent and so no KL \
+                         term; use 0, or a PVeRA adapter",
+                        cfg.kl_weight
+                    ),
+                ));
+            }
+        }
         if self.progress.is_none() {
             self.start_fresh(model, vars.clone())?;
         }

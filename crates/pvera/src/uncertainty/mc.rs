@@ -277,13 +277,23 @@ pub(crate) fn softmax_rows(logits: &Tensor, rows: usize) -> Result<(Vec<f64>, us
 
 /// Monte Carlo prediction of `input` with `model`: `forward` maps an input of `n` rows to logits
 /// (or log-probabilities) `(n, C)`. The model is put in eval mode with sampling on and gradients
-/// off for the call, and restored afterwards. Fails on merged adapters (a merged layer cannot sample).
+/// off for the call, and restored afterwards. Fails on merged adapters (a merged layer cannot sample)
+/// and, with [`Error::Request`], when no adapter of the forward is a PVeRA adapter (VeRA has no
+/// latent to sample).
 pub fn mc_predict<M, I, F>(model: &PeftModel<M>, input: &I, cfg: &McConfig, forward: F) -> Result<McOutput>
 where
     I: McInput,
     F: Fn(&I) -> Result<Tensor>,
 {
     cfg.validate()?;
+    // The adapters this forward runs: the row plan's, else the active ones.
+    let used: Vec<String> = match &model.state().rows().adapters {
+        Some(rows) => rows.iter().flatten().cloned().collect(),
+        None => model.active_adapters(),
+    };
+    if !used.is_empty() && used.iter().all(|a| model.method(a).is_ok_and(|m| !m.samples())) {
+        return Err(crate::layer::vera_cannot_sample(&used.join(",")));
+    }
     let registry = model.registry();
     for site in registry.sites() {
         let merged = site.site().merged_adapters()?;

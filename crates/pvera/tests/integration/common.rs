@@ -18,14 +18,20 @@ pub fn fixtures() -> PathBuf {
 }
 
 pub fn peft_cases() -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(fixtures().join("peft"))
-        .expect("fixtures/peft exists (run tools/make_fixtures.py)")
+    let out = cases_in(&fixtures().join("peft"));
+    assert!(out.len() >= 10, "expected the PEFT fixture cases, found {out:?}");
+    out
+}
+
+/// The case directories (with a `case.json`) under `root`, sorted.
+pub fn cases_in(root: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(root)
+        .unwrap_or_else(|e| panic!("{}: {e} (run the fixture generator in tools/)", root.display()))
         .filter_map(|e| e.ok())
         .filter(|e| e.path().join("case.json").is_file())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     out.sort();
-    assert!(out.len() >= 10, "expected the PEFT fixture cases, found {out:?}");
     out
 }
 
@@ -38,7 +44,11 @@ pub struct Case {
 
 impl Case {
     pub fn load(name: &str) -> Case {
-        let dir = fixtures().join("peft").join(name);
+        Case::load_from(&fixtures().join("peft"), name)
+    }
+    /// A case of the make_fixtures.py layout under another root (e.g. `fixtures/vera/mlp`).
+    pub fn load_from(root: &Path, name: &str) -> Case {
+        let dir = root.join(name);
         let meta: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
         let (io, _) = checkpoint::read_safetensors(&dir.join("io.safetensors"), &Device::Cpu).unwrap();

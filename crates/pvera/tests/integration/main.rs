@@ -1,5 +1,5 @@
 //! The integration-test binary: PEFT parity on golden fixtures, adapter lifecycle, checkpoints,
-//! model families against transformers, data loading, training.
+//! model families against transformers, data loading, training, VeRA adapters.
 
 mod bad_input;
 mod calibrated;
@@ -19,3 +19,4 @@ mod predictor;
 mod train;
 mod uncertainty;
 mod validate;
+mod vera;

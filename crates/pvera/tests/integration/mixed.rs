@@ -1,6 +1,7 @@
 //! Mixed-adapter batches and per-input noise (issue 12, part 1): rows of one batch go through
 //! different adapters (and the base model), with each row's noise from its own seed; the result
-//! equals running each adapter's rows alone, in mean mode and sampled.
+//! equals running each adapter's rows alone, in mean mode and sampled. VeRA adapters (issue 17)
+//! ride in the same batch: their own projection group, never sampled.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,17 +27,23 @@ fn inputs(io: &BTreeMap<String, Tensor>) -> ModelInputs {
     }
 }
 
+/// The committed VeRA adapter on the same tiny BERT (`tools/make_vera_fixtures.py`).
+const VERA_ADAPTER: &str = "vera/families/bert/adapter";
+
 /// A copy of the fixture adapter with its λ's (and, with `new_projections`, its stored A and B)
 /// changed, so it is a different adapter (in another projection group).
 fn variant(dst: &Path, scale: f64, new_projections: bool) {
-    let src = fixtures().join(CASE).join("adapter");
+    variant_of(&fixtures().join(CASE).join("adapter"), dst, scale, new_projections)
+}
+
+fn variant_of(src: &Path, dst: &Path, scale: f64, new_projections: bool) {
     std::fs::create_dir_all(dst).unwrap();
     std::fs::copy(src.join("adapter_config.json"), dst.join("adapter_config.json")).unwrap();
     let (ts, _) = checkpoint::read_safetensors(&src.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
     let mut out = BTreeMap::new();
     for (k, v) in ts {
         let t = v.tensor;
-        let t = if k.ends_with("pvera_lambda_b") || k.ends_with("pvera_lambda_d") {
+        let t = if k.ends_with("lambda_b") || k.ends_with("lambda_d") {
             (t * scale).unwrap()
         } else if new_projections && (k == checkpoint::PROJ_A_KEY || k == checkpoint::PROJ_B_KEY) {
             // The rows reversed and scaled: other projections, equally sized.
@@ -61,6 +68,10 @@ fn model_with_adapters(tmp: &Path) -> PeftModel<AnyModel> {
     variant(&tmp.join("c"), 0.6, true);
     pm.load_adapter(&tmp.join("b"), "b", false).unwrap();
     pm.load_adapter(&tmp.join("c"), "c", false).unwrap();
+    // Two VeRA adapters: the PEFT-written one and a variant of it (same VeRA projections).
+    pm.load_adapter(&fixtures().join(VERA_ADAPTER), "v", false).unwrap();
+    variant_of(&fixtures().join(VERA_ADAPTER), &tmp.join("w"), -1.3, false);
+    pm.load_adapter(&tmp.join("w"), "w", false).unwrap();
     pm.eval().unwrap();
     pm.state().set_grad_enabled(false).unwrap();
     // a and b share the model's projections; c keeps the ones its file carries (another group).
@@ -68,6 +79,10 @@ fn model_with_adapters(tmp: &Path) -> PeftModel<AnyModel> {
     let proj = |n: &str| site.with_slot(n, |s| Arc::as_ptr(s.projections()) as usize).unwrap();
     assert_eq!(proj("a"), proj("b"));
     assert_ne!(proj("a"), proj("c"));
+    // The VeRA adapters share their own projections, apart from every PVeRA group.
+    assert_eq!(proj("v"), proj("w"));
+    assert_ne!(proj("v"), proj("a"));
+    assert_ne!(proj("v"), proj("c"));
     pm
 }
 
@@ -87,10 +102,14 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
-/// The batch: the fixture's 3 inputs twice, rows routed a, b, c, base, a, c.
+/// The batch: the fixture's 3 inputs three times (less one), rows routed a, b, c, base, a, c, and
+/// the VeRA adapters v, w, v.
 fn routing() -> Vec<Option<String>> {
-    ["a", "b", "c", "", "a", "c"].iter().map(|s| (!s.is_empty()).then(|| s.to_string())).collect()
+    ["a", "b", "c", "", "a", "c", "v", "w", "v"].iter().map(|s| (!s.is_empty()).then(|| s.to_string())).collect()
 }
+
+/// Input rows of the batch (indices into the fixture's 3 inputs).
+const BATCH: [usize; 9] = [0, 1, 2, 0, 1, 2, 0, 1, 2];
 
 fn check(sampled: bool) {
     let tmp = tempfile::tempdir().unwrap();
@@ -98,9 +117,10 @@ fn check(sampled: bool) {
     let (io, _) = checkpoint::read_safetensors(&fixtures().join(CASE).join("io.safetensors"), &Device::Cpu).unwrap();
     let io: BTreeMap<String, Tensor> = io.into_iter().map(|(k, v)| (k, v.tensor)).collect();
     let x3 = inputs(&io);
-    let x = pick(&x3, &[0, 1, 2, 0, 1, 2]);
+    let x = pick(&x3, &BATCH);
     let rows = routing();
-    let seeds: Vec<u64> = (0..6).map(|i| 1000 + 7 * i).collect();
+    let n = rows.len();
+    let seeds: Vec<u64> = (0..n as u64).map(|i| 1000 + 7 * i).collect();
     if sampled {
         pm.state().set_sampling(Sampling::Always).unwrap();
     }
@@ -111,8 +131,8 @@ fn check(sampled: bool) {
     let mixed = pm.model().forward(&x).unwrap().last_hidden_state;
     state.set_rows(RowPlan::default()).unwrap();
     // Each adapter's rows alone (same per-row seeds), and the base rows with adapters disabled.
-    for name in ["a", "b", "c"] {
-        let mine: Vec<usize> = (0..6).filter(|&i| rows[i].as_deref() == Some(name)).collect();
+    for name in ["a", "b", "c", "v", "w"] {
+        let mine: Vec<usize> = (0..n).filter(|&i| rows[i].as_deref() == Some(name)).collect();
         pm.set_adapter(&[name]).unwrap();
         state
             .set_rows(RowPlan { adapters: None, seeds: sampled.then(|| Arc::new(mine.iter().map(|&i| seeds[i]).collect())) })
@@ -128,6 +148,37 @@ fn check(sampled: bool) {
     // The adapters really differ from each other (the test could not pass by accident).
     assert!(max_diff(&pick_rows(&mixed, &[0]), &pick_rows(&mixed, &[3])) > 1e-3);
     assert!(max_diff(&pick_rows(&mixed, &[2]), &pick_rows(&mixed, &[5]).clone()) > 0.0 || !sampled);
+    // VeRA rows: adapted (not the base), and v and w differ on the same input.
+    assert!(max_diff(&pick_rows(&mixed, &[6]), &pick_rows(&mixed, &[3])) > 1e-3);
+    assert!(max_diff(&pick_rows(&mixed, &[6]), &pick_rows(&mixed, &[0])) > 1e-3);
+    assert!(max_diff(&pick_rows(&mixed, &[7]), &pick_rows(&mixed, &[1])) > 1e-3);
+    // A VeRA row does not sample: the same input and adapter give the same output whatever the seed.
+    assert!(max_diff(&pick_rows(&mixed, &[6]), &pick_rows(&mixed, &[6])) == 0.0);
+}
+
+/// A VeRA row is deterministic even when sampling is on and its seed changes; with its mean
+/// output equal to the PEFT-written fixture's (`vera/families/bert`).
+#[test]
+fn vera_rows_of_a_sampled_mixed_batch_do_not_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pm = model_with_adapters(tmp.path());
+    let (io, _) = checkpoint::read_safetensors(&fixtures().join(CASE).join("io.safetensors"), &Device::Cpu).unwrap();
+    let io: BTreeMap<String, Tensor> = io.into_iter().map(|(k, v)| (k, v.tensor)).collect();
+    let x = inputs(&io);
+    pm.state().set_sampling(Sampling::Always).unwrap();
+    let run = |seeds: Vec<u64>| {
+        let plan = RowPlan { adapters: Some(Arc::new(vec![Some("v".to_string()); 3])), seeds: Some(Arc::new(seeds)) };
+        pm.state().set_rows(plan).unwrap();
+        let y = pm.model().forward(&x).unwrap().last_hidden_state;
+        pm.state().set_rows(RowPlan::default()).unwrap();
+        y
+    };
+    let (y1, y2) = (run(vec![1, 2, 3]), run(vec![9, 8, 7]));
+    assert_eq!(max_diff(&y1, &y2), 0.0);
+    let (want, _) =
+        checkpoint::read_safetensors(&fixtures().join("vera/families/bert/io.safetensors"), &Device::Cpu).unwrap();
+    let d = max_diff(&y1, &want["eval.last_hidden_state"].tensor);
+    assert!(d < 2e-5, "VeRA rows vs PEFT: {d}");
 }
 
 fn pick_rows(t: &Tensor, rows: &[usize]) -> Tensor {

@@ -403,7 +403,7 @@ fn adapter_cfg(generator_seed: Option<i128>, dropout: f64) -> PveraConfig {
         target_modules: Some(TargetModules::List(["lin0", "lin1", "lin2", "lin3"].map(String::from).to_vec())),
         r: 16,
         generator_seed,
-        pvera_dropout: dropout,
+        dropout,
         ..Default::default()
     }
 }

@@ -235,7 +235,7 @@ fn save_projection_false_needs_no_projections_and_reports_stored_ones_peft_ignor
 fn stored_projections_not_from_the_key_are_a_note() {
     // Torch's two-rounding kernel: a valid adapter, but save_projection=false would change it.
     let c = Copy::mlp().tensors(|t| {
-        let (a, b) = pvera::projection::generate_raw(0, 4, 20, 20, pvera::TorchKernel::Default);
+        let (a, b) = pvera::projection::generate_raw(pvera::Method::Pvera, 0, 4, 20, 20, pvera::TorchKernel::Default);
         t.insert(PROJ_A_KEY.into(), Tensor::from_vec(a, (8, 20), &Device::Cpu).unwrap());
         t.insert(PROJ_B_KEY.into(), Tensor::from_vec(b, (20, 4), &Device::Cpu).unwrap());
     });
@@ -297,7 +297,7 @@ fn lambda_pairs_must_be_complete() {
     assert!(matches!(&errors(&r)[..], [Error::MissingTensor { key, .. }] if key == LIN3_D), "{:#?}", summary(&r));
     // No λ at all.
     let r = Copy::mlp()
-        .tensors(|t| t.retain(|k, _| checkpoint::parse_lambda_key(k).is_none()))
+        .tensors(|t| t.retain(|k, _| checkpoint::parse_lambda_key(pvera::Method::Pvera, k).is_none()))
         .report();
     assert!(matches!(&errors(&r)[..], [Error::MissingTensor { .. }]), "{:#?}", summary(&r));
     assert!(r.problems[0].message().contains("no λ tensors at all"));
