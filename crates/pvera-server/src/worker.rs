@@ -20,7 +20,9 @@ use std::time::Instant;
 
 use pvera::config::TargetModules;
 use pvera::data::images::RawImage;
-use pvera::predictor::{CalibrationChoice, Calibrator, Embeddings, Modality, PredictConfig, PredictorOptions, TaskOverrides};
+use pvera::predictor::{
+    CalibrationChoice, Calibrator, Embeddings, Modality, Noise, PredictConfig, PredictorOptions, TaskOverrides,
+};
 use pvera::uncertainty::{McMode, Prediction};
 use pvera::Predictor;
 use serde::Serialize;
@@ -620,6 +622,8 @@ impl Worker {
                     seed: Some(seed),
                     max_rows: self.limits.max_batch_rows,
                     mode: if sequential { McMode::Sequential } else { McMode::Batched },
+                    // as `pvera predict`: per-input noise, PEFT's generator streams when sequential
+                    noise: if sequential { Noise::Generators } else { Noise::PerInput },
                     ..PredictConfig::default()
                 };
                 let n = rows.len();

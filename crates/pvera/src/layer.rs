@@ -913,7 +913,7 @@ impl Site {
                     let k = members.iter().position(|m| Some(*m) == rows[i].as_ref()).unwrap_or(0);
                     if sampling[k] {
                         check_logvar(&logvar.narrow(0, mask.len(), per)?, &self.path, members[k])?;
-                        let label = format!("{}/{}", self.path, members[k]);
+                        let label = format!("{}/0", self.path); // as draw_eps for one active adapter
                         eps.extend(TorchGenerator::new(crate::rng::mix_seed(seeds[i], &label)).randn_f32(per * r));
                         mask.extend(std::iter::repeat_n(1f32, per));
                     } else {
@@ -973,7 +973,7 @@ impl Site {
     /// `m` standard normal draws for a sampling adapter: per batch row from the row's own seed
     /// when the forward has a [`RowPlan`](crate::state::RowPlan) with seeds (row `i`'s
     /// `m / rows` values from a generator seeded with a mix of its seed, this module's path and
-    /// the adapter name), else from the adapter's own generator (`generator_seed`), else from the
+    /// the adapter's position among the active adapters), else from the adapter's own generator (`generator_seed`), else from the
     /// run state's global one.
     fn draw_eps(&self, slot: &AdapterSlot, name: &str, m: usize, view: &ForwardView) -> Result<Vec<f32>> {
         if let Some(seeds) = &view.rows.seeds {
@@ -986,7 +986,12 @@ impl Site {
                 )));
             }
             let per = m / rows;
-            let label = format!("{}/{name}", self.path);
+            // The adapter's position among the active ones (0 for a single adapter and in a
+            // mixed batch), not its name: an adapter's noise does not depend on the name it was
+            // loaded under (a server's answer equals the CLI's), and summed adapters still draw
+            // independent noise.
+            let k = view.active.iter().position(|a| a == name).unwrap_or(0);
+            let label = format!("{}/{k}", self.path);
             let mut out = Vec::with_capacity(m);
             for &seed in seeds.iter() {
                 out.extend(TorchGenerator::new(crate::rng::mix_seed(seed, &label)).randn_f32(per));

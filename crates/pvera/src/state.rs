@@ -57,8 +57,9 @@ pub struct RowPlan {
     /// not apply.
     pub adapters: Option<Arc<Vec<Option<String>>>>,
     /// The noise seed of each batch row: a sampling layer draws row `i`'s ε from a generator seeded
-    /// with a mix of `seeds[i]`, the module path and the adapter name, so a row's noise does not
-    /// depend on the other rows of its batch (the batch may mix requests, adapters, sizes).
+    /// with a mix of `seeds[i]`, the module path and the adapter's position among the active
+    /// adapters (never its name), so a row's noise does not depend on the other rows of its batch
+    /// (the batch may mix requests, adapters, sizes) or on what its adapter is called.
     pub seeds: Option<Arc<Vec<u64>>>,
 }
 

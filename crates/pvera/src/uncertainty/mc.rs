@@ -55,7 +55,8 @@ pub enum McNoise {
 }
 
 /// The noise seed of sample `sample` of input `input` under [`McNoise::PerInput`] (each sampled
-/// layer mixes it further with its module path and adapter name).
+/// layer mixes it further with its module path and the adapter's position among the active
+/// adapters, never its name).
 pub fn input_noise_seed(seed: u64, input: u64, sample: u64) -> u64 {
     splitmix64_mix(
         seed ^ splitmix64_mix(input.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ sample.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)),

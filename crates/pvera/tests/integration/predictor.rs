@@ -229,4 +229,13 @@ fn per_input_noise_is_independent_of_batching() {
     }
     let other = run(&mut p, 3, &PredictConfig { seed: Some(12), ..cfg.clone() });
     assert_ne!(other[0].mc.as_ref().unwrap().mean_probs, a[0].mc.as_ref().unwrap().mean_probs);
+    // The same adapter loaded under another name draws the same noise (a server's adapter names
+    // are its own; its answers equal `pvera predict`'s, which loads the adapter as "default").
+    p.add_adapter("renamed", &adapter, &TaskOverrides::default()).unwrap();
+    let renamed = p
+        .predict_all("renamed", 3, 3, &cfg, &mut |_, c| Ok(rows(&x, &c.iter().map(|&i| i as u32).collect::<Vec<_>>())), &mut |_, _| {})
+        .unwrap();
+    for (u, v) in a.iter().zip(&renamed) {
+        assert_eq!(u.mc.as_ref().unwrap().mean_probs, v.mc.as_ref().unwrap().mean_probs);
+    }
 }
