@@ -143,3 +143,19 @@ impl OutputDir {
         }
     }
 }
+
+/// A library config error about a value that came from a flag: exit 2, named by its flag.
+pub fn flag_error(e: pvera::Error) -> anyhow::Error {
+    match e {
+        pvera::Error::InvalidConfig { field, reason } => {
+            let flag = match field.as_str() {
+                "pvera_dropout" | "vera_dropout" => "dropout".to_string(),
+                "betas" | "eps" | "min_delta" | "restore_best" => field.clone(),
+                f => f.replace('_', "-"),
+            };
+            anyhow::Error::new(UsageError(format!("--{flag}: {reason}")))
+        }
+        pvera::Error::Request(m) => anyhow::Error::new(UsageError(m)),
+        other => anyhow::Error::new(other),
+    }
+}

@@ -73,7 +73,7 @@ pub fn fit<M, T>(
 where
     T: Objective<M, Batch = Batch>,
 {
-    let mut trainer = Trainer::new(tcfg).map_err(crate::train::flag_error)?;
+    let mut trainer = Trainer::new(tcfg).map_err(crate::common::flag_error)?;
     trainer.set_stop_flag(stop_flag()?);
     if let Some(r) = resume {
         trainer.resume_from(pm, r).map_err(resume_error).with_context(|| format!("resuming from {}", r.display()))?;

@@ -34,14 +34,14 @@ pub enum Error {
         "No layers types compatible with {method} were found. Please check `peft_config.target_modules`: \
          {patterns} matched none of the model's linear layers. Known linear layers: {known}"
     )]
-    NoTargetMatched { method: crate::config::Method, patterns: String, known: String },
+    NoTargetMatched { method: crate::method::Method, patterns: String, known: String },
 
     /// The model type has no default target modules and none were given.
     #[error(
         "Please specify `target_modules` in `peft_config`: model type {model_type:?} has no default {method} \
          targets (PEFT's table has none either)"
     )]
-    NoDefaultTargets { method: crate::config::Method, model_type: String },
+    NoDefaultTargets { method: crate::method::Method, model_type: String },
 
     /// A tensor expected in a checkpoint or input file is absent.
     #[error("{file}: missing tensor `{key}`{hint}")]

@@ -31,6 +31,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod layer;
+pub mod method;
 pub mod models;
 pub mod ops;
 mod simd;

@@ -13,7 +13,7 @@ use pvera::models::loader::ModelDir;
 use pvera::predictor::meta::TaskKind as MetaTask;
 use pvera::train::{ScheduleKind, TrainConfig, Warmup};
 
-use crate::common::{check_output, set_threads, OutputDir, Reuse, UsageError};
+use crate::common::{check_output, flag_error, set_threads, OutputDir, Reuse};
 use crate::usage;
 
 /// The fine-tuning task.
@@ -202,22 +202,6 @@ fn parse_target_modules(s: &str) -> TargetModules {
         TargetModules::list(parse_list(t))
     } else {
         TargetModules::Regex(t.to_string())
-    }
-}
-
-/// A library config error about a value that came from a flag: exit 2, named by its flag.
-pub fn flag_error(e: pvera::Error) -> anyhow::Error {
-    match e {
-        pvera::Error::InvalidConfig { field, reason } => {
-            let flag = match field.as_str() {
-                "pvera_dropout" | "vera_dropout" => "dropout".to_string(),
-                "betas" | "eps" | "min_delta" | "restore_best" => field.clone(),
-                f => f.replace('_', "-"),
-            };
-            anyhow::Error::new(UsageError(format!("--{flag}: {reason}")))
-        }
-        pvera::Error::Request(m) => anyhow::Error::new(UsageError(m)),
-        other => anyhow::Error::new(other),
     }
 }
 

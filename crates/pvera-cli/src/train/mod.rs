@@ -27,7 +27,8 @@ use pvera::predictor::{PredictConfig, PredictorOptions, TaskOverrides};
 use pvera::train::{causal_lm_eval, CausalLmObjective, ClassificationObjective, SplitData, TrainConfig, TrainReport};
 use pvera::{PeftModel, Predictor, RunState};
 
-pub use args::{flag_error, TaskKind, TrainArgs};
+pub use args::{TaskKind, TrainArgs};
+use crate::common::flag_error;
 use args::{adapter_config, check, Checked};
 
 use crate::curves::write_curves;
