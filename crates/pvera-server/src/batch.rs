@@ -14,7 +14,7 @@
 
 use candle_core::Tensor;
 use pvera::models::ModelInputs;
-use pvera::predictor::PredictConfig;
+use pvera::predictor::{MixedGroup, PredictConfig};
 use pvera::uncertainty::Prediction;
 use pvera::Predictor;
 
@@ -191,6 +191,96 @@ pub fn mean_forward(
             Err(e) => {
                 let e = ApiError::from_pvera(e);
                 for &(k, _) in chunk {
+                    out[k] = Err(e.clone());
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|r| {
+            r.and_then(|v| {
+                v.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| ApiError::backend("a row got no prediction"))
+            })
+        })
+        .collect()
+}
+
+/// One Monte Carlo request's rows in a packed batch.
+#[derive(Clone, Copy, Debug)]
+pub struct McBlock<'a> {
+    /// The adapter the rows are predicted with (a PVeRA adapter).
+    pub adapter: &'a str,
+    /// The rows, encoded for that adapter.
+    pub rows: &'a Rows,
+    /// The request's noise seed.
+    pub seed: u64,
+}
+
+/// Monte Carlo predictions of several requests (any adapters, one sample count and confidence),
+/// packed: their inputs, in arrival order, are cut into batches of at most `budget` inputs, each
+/// run as one mixed-adapter Monte Carlo prediction ([`Predictor::predict_mixed_groups`]: a
+/// mean-mode pass, then the samples stacked `max(1, budget / inputs)` per forward). Every input
+/// keeps the noise it has predicted alone (its request's seed and its position in the request),
+/// so a request's answer equals `pvera predict`'s within float rounding whatever shares its batch.
+/// Returns one result per block, in order; `on_forward(rows)` is called per forward (metrics).
+pub fn mc_forward(
+    p: &mut Predictor,
+    blocks: &[McBlock<'_>],
+    cfg: &PredictConfig,
+    budget: usize,
+    on_forward: &mut dyn FnMut(usize),
+) -> Vec<Result<Vec<Prediction>, ApiError>> {
+    let mut out: Vec<Result<Vec<Option<Prediction>>, ApiError>> =
+        blocks.iter().map(|b| Ok(vec![None; b.rows.len()])).collect();
+    let cfg = PredictConfig { max_rows: budget.max(1), ..cfg.clone() };
+    let picks: Vec<(usize, usize)> =
+        blocks.iter().enumerate().flat_map(|(k, b)| (0..b.rows.len()).map(move |j| (k, j))).collect();
+    for chunk in picks.chunks(budget.max(1)) {
+        // Each block's rows in this chunk are contiguous: one group per block.
+        let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (block, first row, count)
+        for &(k, j) in chunk {
+            match spans.last_mut() {
+                Some((b, _, n)) if *b == k => *n += 1,
+                _ => spans.push((k, j, 1)),
+            }
+        }
+        let result = spans
+            .iter()
+            .map(|&(k, j, n)| {
+                let rows: Vec<(usize, usize)> = (j..j + n).map(|r| (0, r)).collect();
+                gather(p, blocks[k].adapter, &[blocks[k].rows], &rows)
+            })
+            .collect::<pvera::Result<Vec<ModelInputs>>>()
+            .and_then(|inputs| {
+                let groups: Vec<MixedGroup<'_>> = spans
+                    .iter()
+                    .zip(&inputs)
+                    .map(|(&(k, j, _), x)| MixedGroup { adapter: blocks[k].adapter, inputs: x, seed: blocks[k].seed, first: j as u64 })
+                    .collect();
+                p.predict_mixed_groups(&groups, &cfg)
+            });
+        // the forwards it ran: the mean-mode pass, then the samples stacked k per forward
+        let b = chunk.len();
+        on_forward(b);
+        let k = (cfg.max_rows / b).max(1);
+        let mut left = cfg.samples;
+        while left > 0 {
+            on_forward(k.min(left) * b);
+            left -= k.min(left);
+        }
+        match result {
+            Ok(per_group) => {
+                for (&(k, j, _), preds) in spans.iter().zip(per_group) {
+                    for (r, pred) in preds.into_iter().enumerate() {
+                        if let Ok(v) = &mut out[k] {
+                            v[j + r] = Some(pred);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let e = ApiError::from_pvera(e);
+                for &(k, _, _) in &spans {
                     out[k] = Err(e.clone());
                 }
             }

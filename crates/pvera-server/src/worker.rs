@@ -6,9 +6,13 @@
 //! forward ran) and processes it in arrival order, cut at hot-loads and unloads: the requests
 //! before an adapter change run on the adapters as they were, the change happens, then the rest.
 //! Within a run of requests, mean-mode ones are packed into shared forwards, rows of different
-//! adapters in one mixed-adapter forward ([`crate::batch::mean_forward`]); Monte Carlo ones run one by one exactly as `pvera predict`
-//! runs them (`predict_all`, batches of [`MC_BATCH`] inputs, the request's seed), so a seeded
-//! answer does not depend on what else was queued. A panic is caught per request group and
+//! adapters in one mixed-adapter forward ([`crate::batch::mean_forward`]). Monte Carlo requests
+//! queued together (one sample count and confidence, any adapters) are packed the same way
+//! ([`crate::batch::mc_forward`]), every input keeping its own noise (its request's seed and its
+//! position), so an answer equals `pvera predict`'s within float rounding whatever shared its
+//! batch; a Monte Carlo request alone in its turn runs exactly as `pvera predict` runs it
+//! (`predict_all`, batches of [`MC_BATCH`] inputs: the same bits). Sequential ones and embeddings
+//! run one by one. A panic is caught per request group and
 //! answered with a 500; the worker goes on.
 
 use std::collections::BTreeMap;
@@ -28,7 +32,7 @@ use pvera::Predictor;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::batch::{gather, mean_forward, Block, MergeCache, Rows};
+use crate::batch::{gather, mc_forward, mean_forward, Block, McBlock, MergeCache, Rows};
 use crate::error::{ApiError, ServerError};
 use crate::metrics::Metrics;
 use crate::Limits;
@@ -538,12 +542,72 @@ impl Worker {
                 }
             }
         }
-        for (job, rows) in rest {
+        // Monte Carlo requests of PVeRA adapters (batched mode), packed when several are queued:
+        // one packing per (samples, confidence); a request alone runs exactly as `pvera predict`.
+        let (packable, rest): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(j, _)| {
+            matches!(j.kind, InferKind::Classify { sequential: false, .. })
+                && self.p.peft_model().method(&j.adapter).is_ok_and(|m| m.samples())
+        });
+        let mut packs: Vec<((usize, u64), Vec<(InferJob, Rows)>)> = Vec::new();
+        for (job, rows) in packable {
+            let InferKind::Classify { samples, confidence, .. } = job.kind else { continue };
+            let key = (samples, confidence.to_bits());
+            match packs.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push((job, rows)),
+                None => packs.push((key, vec![(job, rows)])),
+            }
+        }
+        let mut alone: Vec<(InferJob, Rows)> = Vec::new();
+        for (_, pack) in packs {
+            if pack.len() == 1 {
+                alone.extend(pack);
+            } else {
+                self.infer_mc_packed(pack);
+            }
+        }
+        for (job, rows) in alone.into_iter().chain(rest) {
             if job.reply.is_closed() {
                 continue;
             }
             let out = guarded(|| self.run_alone(&job, &rows));
             let _ = job.reply.send(out);
+        }
+    }
+
+    /// Several Monte Carlo requests with one sample count and confidence, in mixed-adapter
+    /// batches ([`crate::batch::mc_forward`]).
+    fn infer_mc_packed(&mut self, pack: Vec<(InferJob, Rows)>) {
+        let InferKind::Classify { samples, confidence, .. } = pack[0].0.kind else { return };
+        let cfg = PredictConfig { samples, confidence, ..PredictConfig::default() };
+        let blocks: Vec<McBlock<'_>> = pack
+            .iter()
+            .map(|(j, r)| McBlock {
+                adapter: &j.adapter,
+                rows: r,
+                seed: match j.kind {
+                    InferKind::Classify { seed, .. } => seed,
+                    InferKind::Embed { seed, .. } => seed,
+                },
+            })
+            .collect();
+        let budget = self.limits.max_batch_rows;
+        let metrics = self.metrics.clone();
+        let results = guarded(|| Ok(mc_forward(&mut self.p, &blocks, &cfg, budget, &mut |rows| metrics.forward(rows))));
+        drop(blocks);
+        let inputs: usize = pack.iter().map(|(_, r)| r.len()).sum();
+        self.metrics.mc_samples.fetch_add((samples * inputs) as u64, Ordering::Relaxed);
+        match results {
+            Ok(results) => {
+                for ((job, _), r) in pack.into_iter().zip(results) {
+                    let out = r.and_then(|predictions| self.labelled(&job.adapter, predictions, job.kind.calibration()));
+                    let _ = job.reply.send(out);
+                }
+            }
+            Err(e) => {
+                for (job, _) in pack {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
         }
     }
 

@@ -914,7 +914,7 @@ impl Site {
                     if sampling[k] {
                         check_logvar(&logvar.narrow(0, mask.len(), per)?, &self.path, members[k])?;
                         let label = format!("{}/0", self.path); // as draw_eps for one active adapter
-                        eps.extend(TorchGenerator::new(crate::rng::mix_seed(seeds[i], &label)).randn_f32(per * r));
+                        eps.extend(row_noise(seeds[i], &label, per * r, r));
                         mask.extend(std::iter::repeat_n(1f32, per));
                     } else {
                         eps.extend(std::iter::repeat_n(0f32, per * r));
@@ -994,7 +994,7 @@ impl Site {
             let label = format!("{}/{k}", self.path);
             let mut out = Vec::with_capacity(m);
             for &seed in seeds.iter() {
-                out.extend(TorchGenerator::new(crate::rng::mix_seed(seed, &label)).randn_f32(per));
+                out.extend(row_noise(seed, &label, per, slot.r));
             }
             return Ok(out);
         }
@@ -1209,6 +1209,21 @@ fn live(v: &Var, track: bool) -> Tensor {
 
 /// Whether an adapter samples its latent in an eval-mode forward: never for VeRA (whatever the
 /// run's sampling override), else by the override or the layer's `sample_at_inference`.
+/// The `values` standard normal draws of one batch row under per-row noise seeds: a generator
+/// seeded with a mix of the row's seed and `label`, drawn `width` values (one token's latent) at a
+/// time. Token by token, so a token's noise does not depend on how many padding tokens follow it
+/// (torch's vectorised `normal_` redraws the tail of a fill whose size is not a multiple of 16, so
+/// one fill of the whole row would tie every value to the row's padded length).
+fn row_noise(seed: u64, label: &str, values: usize, width: usize) -> Vec<f32> {
+    let mut g = TorchGenerator::new(crate::rng::mix_seed(seed, label));
+    let width = width.max(1);
+    let mut out = Vec::with_capacity(values);
+    while out.len() < values {
+        out.extend(g.randn_f32(width.min(values - out.len())));
+    }
+    out
+}
+
 fn samples(slot: &AdapterSlot, view: &ForwardView) -> bool {
     if !slot.method.samples() {
         return false;

@@ -108,6 +108,20 @@ pub struct PredictConfig {
     pub noise: Noise,
 }
 
+/// One group of a mixed-adapter batch ([`Predictor::predict_mixed_groups`]): an adapter, its
+/// encoded inputs, and the noise seed and numbering they would have predicted alone.
+#[derive(Clone, Copy, Debug)]
+pub struct MixedGroup<'a> {
+    /// Adapter name.
+    pub adapter: &'a str,
+    /// Inputs encoded for that adapter.
+    pub inputs: &'a ModelInputs,
+    /// Seed of the group's sampling noise.
+    pub seed: u64,
+    /// Position of the group's first input in its own numbering (0 for a whole request).
+    pub first: u64,
+}
+
 /// Where a prediction's sampling noise comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Noise {
@@ -699,69 +713,118 @@ impl Predictor {
     /// inputs)`; the rows of every group go through the backbone together (one base GEMM per
     /// layer, one `x·A` per projection group, each row scaled by its adapter's λ's), then through
     /// their adapter's head. Returns the predictions per group, in order. Equal to predicting each
-    /// group alone (per-input noise; the mean mode up to float rounding, as merged weights do not
-    /// apply here). Texts of different lengths are padded to the longest.
+    /// group alone within float rounding (merged weights do not apply here). Texts of different
+    /// lengths are padded to the longest. With `cfg.samples ≥ 2` every group's inputs are numbered
+    /// from 0 and draw their noise from `cfg.seed`, as [`Predictor::predict`] of the group alone;
+    /// [`Predictor::predict_mixed_groups`] gives each group its own seed and numbering.
     pub fn predict_mixed(&mut self, groups: &[(&str, &ModelInputs)], cfg: &PredictConfig) -> Result<Vec<Vec<Prediction>>> {
+        let seed = cfg.seed.unwrap_or(0);
+        let groups: Vec<MixedGroup<'_>> =
+            groups.iter().map(|&(adapter, inputs)| MixedGroup { adapter, inputs, seed, first: 0 }).collect();
+        self.predict_mixed_groups(&groups, cfg)
+    }
+
+    /// [`Predictor::predict_mixed`] where each group (e.g. one request) has its own noise seed and
+    /// the position of its first input, so each group's Monte Carlo samples are exactly those of
+    /// [`Predictor::predict_from`] with `PredictConfig { seed, .. }` and `first`, whatever else shares
+    /// the batch (per-input noise; `cfg.seed` and `cfg.noise` are not used). `cfg.samples`,
+    /// `confidence`, `max_rows` and `sampling` apply to every group. Monte Carlo needs PVeRA
+    /// adapters (a VeRA group is an [`Error::Request`]) and the batched mode.
+    pub fn predict_mixed_groups(&mut self, groups: &[MixedGroup<'_>], cfg: &PredictConfig) -> Result<Vec<Vec<Prediction>>> {
         cfg.validate()?;
         if groups.is_empty() {
             return Ok(Vec::new());
         }
         let mut plan_rows: Vec<Option<String>> = Vec::new();
+        let mut ids: Vec<(u64, u64)> = Vec::new();
         let mut sizes = Vec::with_capacity(groups.len());
-        for (name, inputs) in groups {
-            self.adapter(name)?;
-            let n = crate::uncertainty::McInput::rows(*inputs)?;
+        for g in groups {
+            self.adapter(g.adapter)?;
+            if cfg.samples >= 2 && !self.pm.method(g.adapter)?.samples() {
+                return Err(crate::layer::vera_cannot_sample(g.adapter));
+            }
+            let n = crate::uncertainty::McInput::rows(g.inputs)?;
             sizes.push(n);
-            plan_rows.extend(std::iter::repeat_n(Some(name.to_string()), n));
+            plan_rows.extend(std::iter::repeat_n(Some(g.adapter.to_string()), n));
+            ids.extend((0..n as u64).map(|i| (g.seed, g.first + i)));
+        }
+        if cfg.samples >= 2 && cfg.mode != McMode::Batched {
+            return Err(Error::Request(
+                "a mixed-adapter batch samples in the batched mode with per-input noise; run sequential requests alone".into(),
+            ));
         }
         let pad = match self.modality {
             Modality::Text => self.tokenizer(None)?.pad_id().unwrap_or(0),
             Modality::Image => 0,
         };
-        let batch = concat_padded(&groups.iter().map(|g| g.1).collect::<Vec<_>>(), pad)?;
+        let parts: Vec<&ModelInputs> = groups.iter().map(|g| g.inputs).collect();
+        let batch = concat_padded(&parts, pad)?;
+        let total: usize = sizes.iter().sum();
+        let tasks: Vec<&AdapterTask> = groups.iter().map(|g| self.adapter(g.adapter)).collect::<Result<_>>()?;
+        let widths: Vec<usize> = tasks.iter().map(|t| t.labels().len()).collect();
+        let width = widths.iter().copied().max().unwrap_or(0);
+        // Each row's logits through its own head (heads differ in width and labels), padded to
+        // the widest head with -inf, which adds nothing to a softmax.
+        let forward = |x: &ModelInputs| -> Result<Tensor> {
+            let out = self.pm.model().forward(x)?;
+            let rows = crate::uncertainty::McInput::rows(x)?;
+            let mut parts = Vec::with_capacity(groups.len() * rows.div_ceil(total.max(1)));
+            let mut at = 0;
+            while at < rows {
+                for (gi, &n) in sizes.iter().enumerate() {
+                    let part = slice_outputs(&out, at, n)?;
+                    let mask = x.attention_mask.as_ref().map(|m| m.narrow(0, at, n)).transpose()?;
+                    let logits = Self::head_logits(tasks[gi], &part, mask.as_ref())?.to_dtype(DType::F32)?;
+                    let logits = if widths[gi] < width {
+                        let fill = Tensor::full(f32::NEG_INFINITY, (n, width - widths[gi]), logits.device())?;
+                        Tensor::cat(&[&logits, &fill], 1)?
+                    } else {
+                        logits
+                    };
+                    parts.push(logits);
+                    at += n;
+                }
+            }
+            Ok(Tensor::cat(&parts, 0)?)
+        };
         let state = self.pm.state().clone();
         state.set_rows(RowPlan { adapters: Some(Arc::new(plan_rows)), seeds: None })?;
         let result = (|| -> Result<Vec<Vec<Prediction>>> {
-            let tasks: Vec<&AdapterTask> = groups.iter().map(|(n, _)| self.adapter(n)).collect::<Result<_>>()?;
-            // Each row's logits through its own head (heads differ in width and labels).
-            let forward_groups = |x: &ModelInputs| -> Result<Vec<Tensor>> {
-                let out = self.pm.model().forward(x)?;
-                let total = crate::uncertainty::McInput::rows(x)?;
-                let reps = total / sizes.iter().sum::<usize>();
-                let mut per_group = vec![Vec::new(); groups.len()];
-                let mut at = 0;
-                for _ in 0..reps {
-                    for (gi, &n) in sizes.iter().enumerate() {
-                        let part = slice_outputs(&out, at, n)?;
-                        let mask = x.attention_mask.as_ref().map(|m| m.narrow(0, at, n)).transpose()?;
-                        per_group[gi].push(Self::head_logits(tasks[gi], &part, mask.as_ref())?);
-                        at += n;
-                    }
-                }
-                per_group.into_iter().map(|v| Ok(Tensor::cat(&v, 0)?)).collect()
+            let (mean, samples): (Vec<f64>, Option<crate::uncertainty::McOutput>) = if cfg.samples < 2 {
+                let (p, _) = mean_predict(&self.pm, &batch, forward)?;
+                (p, None)
+            } else {
+                let mc = McConfig {
+                    samples: cfg.samples,
+                    max_rows: cfg.max_rows,
+                    seed: Some(groups[0].seed),
+                    mode: McMode::Batched,
+                    sampling: cfg.sampling,
+                    with_mean: true,
+                    noise: McNoise::PerRow(Arc::new(ids)),
+                };
+                let out = mc_predict(&self.pm, &batch, &mc, forward)?;
+                (out.mean_mode.clone().unwrap_or_default(), Some(out))
             };
-            if cfg.samples < 2 {
-                let st = self.pm.state();
-                let (mode, sampling, grad) = (st.mode(), st.sampling(), st.grad_enabled());
-                st.set_mode(crate::state::Mode::Eval)?;
-                st.set_grad_enabled(false)?;
-                st.set_sampling(Sampling::Never)?;
-                let logits = forward_groups(&batch);
-                st.set_mode(mode)?;
-                st.set_sampling(sampling)?;
-                st.set_grad_enabled(grad)?;
-                return logits?
-                    .iter()
-                    .zip(&sizes)
-                    .map(|(l, &n)| {
-                        let (p, c) = crate::uncertainty::mc::softmax_rows(l, n)?;
-                        Ok(p.chunks(c).map(|row| Prediction::mean_only(row.to_vec())).collect())
-                    })
-                    .collect();
+            let mut preds = Vec::with_capacity(groups.len());
+            let mut row = 0;
+            for (gi, &n) in sizes.iter().enumerate() {
+                let c = widths[gi];
+                let mut v = Vec::with_capacity(n);
+                for b in row..row + n {
+                    let mean_mode = mean[b * width..b * width + c].to_vec();
+                    v.push(match &samples {
+                        None => Prediction::mean_only(mean_mode),
+                        Some(out) => {
+                            let s: Vec<Vec<f64>> = out.input_samples(b).into_iter().map(|p| p[..c].to_vec()).collect();
+                            Prediction::sampled(mean_mode, s, cfg.confidence)?
+                        }
+                    });
+                }
+                preds.push(v);
+                row += n;
             }
-            Err(Error::Request(
-                "a mixed-adapter batch predicts the mean mode (samples 1); Monte Carlo requests run per adapter".into(),
-            ))
+            Ok(preds)
         })();
         state.set_rows(RowPlan::default())?;
         result

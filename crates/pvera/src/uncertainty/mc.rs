@@ -37,7 +37,7 @@ pub enum McMode {
 }
 
 /// Where the sampling noise comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum McNoise {
     /// The generators' streams, as PEFT draws them: each layer's own generator (`generator_seed`)
     /// or the run state's global one, restarted from the seed; the noise of an input then depends
@@ -52,6 +52,10 @@ pub enum McNoise {
         /// Index of the batch's first input.
         first: u64,
     },
+    /// [`McNoise::PerInput`] with each batch row's own `(seed, input index)`: rows of different
+    /// requests (each with its seed and its numbering) share one batch, and every row draws what
+    /// it would draw predicted alone ([`input_noise_seed`]`(seed, index, j)`).
+    PerRow(std::sync::Arc<Vec<(u64, u64)>>),
 }
 
 /// The noise seed of sample `sample` of input `input` under [`McNoise::PerInput`] (each sampled
@@ -242,12 +246,25 @@ fn chunk_plan(base: &RowPlan, cfg: &McConfig, b: usize, from: usize, k: usize) -
         Some(a) => Some(std::sync::Arc::new((0..k).flat_map(|_| a.iter().cloned()).collect::<Vec<_>>())),
         None => None,
     };
-    let seeds = match (cfg.noise, cfg.seed) {
-        (McNoise::PerInput { first }, Some(seed)) => Some(std::sync::Arc::new(
-            (0..k)
-                .flat_map(|j| (0..b).map(move |i| input_noise_seed(seed, first + i as u64, (from + j) as u64)))
-                .collect::<Vec<_>>(),
-        )),
+    let seeds = match (&cfg.noise, cfg.seed) {
+        (McNoise::PerInput { first }, Some(seed)) => {
+            let first = *first;
+            Some(std::sync::Arc::new(
+                (0..k)
+                    .flat_map(|j| (0..b).map(move |i| input_noise_seed(seed, first + i as u64, (from + j) as u64)))
+                    .collect::<Vec<_>>(),
+            ))
+        }
+        (McNoise::PerRow(ids), _) => {
+            if ids.len() != b {
+                return Err(Error::Model(format!("per-row noise names {} row(s) for a batch of {b} input(s)", ids.len())));
+            }
+            Some(std::sync::Arc::new(
+                (0..k)
+                    .flat_map(|j| ids.iter().map(move |&(seed, i)| input_noise_seed(seed, i, (from + j) as u64)))
+                    .collect::<Vec<_>>(),
+            ))
+        }
         _ => None,
     };
     Ok(RowPlan { adapters, seeds })

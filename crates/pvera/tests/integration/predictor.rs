@@ -201,6 +201,48 @@ fn predict_mixed_equals_each_adapter_alone() {
     assert!(d > 1e-3, "{d}");
 }
 
+/// Monte Carlo in one mixed batch: each group (its own adapter, seed and numbering) gets the
+/// samples it gets predicted alone (per-input noise), within float rounding; a VeRA-free check of
+/// the sequential mode's refusal.
+#[test]
+fn predict_mixed_groups_samples_each_group_as_alone() {
+    use pvera::predictor::MixedGroup;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_with_tokenizer("bert_seq_cls", tmp.path());
+    scaled_adapter(&tmp.path().join("y"), 2.5);
+    let mut p = Predictor::open(&model, &PredictorOptions::default()).unwrap();
+    p.add_adapter("x", &fixtures().join("models/bert_seq_cls/adapter"), &TaskOverrides::default()).unwrap();
+    p.add_adapter("y", &tmp.path().join("y"), &TaskOverrides::default()).unwrap();
+    let x = seq_cls_inputs();
+    let (gx, gy) = (rows(&x, &[0, 2]), rows(&x, &[1, 2, 0]));
+    // 5 rows, 6 samples, 8 rows per forward: one sample per chunk, so the chunking differs from
+    // the groups' own (2 and 3 rows: 4 and 2 samples per forward)
+    let cfg = PredictConfig { samples: 6, max_rows: 8, ..PredictConfig::default() };
+    let groups = [
+        MixedGroup { adapter: "x", inputs: &gx, seed: 5, first: 0 },
+        MixedGroup { adapter: "y", inputs: &gy, seed: 9, first: 3 },
+    ];
+    let mixed = p.predict_mixed_groups(&groups, &cfg).unwrap();
+    let alone_x = p.predict_from("x", &gx, &PredictConfig { seed: Some(5), ..cfg.clone() }, 0).unwrap();
+    let alone_y = p.predict_from("y", &gy, &PredictConfig { seed: Some(9), ..cfg.clone() }, 3).unwrap();
+    let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(u, v)| (u - v).abs() < 1e-6);
+    for (m, a) in mixed[0].iter().zip(&alone_x).chain(mixed[1].iter().zip(&alone_y)) {
+        assert!(close(&m.mean_mode, &a.mean_mode), "{:?} vs {:?}", m.mean_mode, a.mean_mode);
+        assert_eq!(m.samples.len(), 6);
+        for (u, v) in m.samples.iter().zip(&a.samples) {
+            assert!(close(u, v), "{u:?} vs {v:?}");
+        }
+        assert!(m.mc.as_ref().unwrap().variance > 0.0, "the samples must differ");
+    }
+    // another seed for y changes y's samples and leaves x's alone
+    let other = [groups[0], MixedGroup { seed: 10, ..groups[1] }];
+    let again = p.predict_mixed_groups(&other, &cfg).unwrap();
+    assert!(close(&again[0][0].samples[0], &mixed[0][0].samples[0]));
+    assert!(!close(&again[1][0].samples[0], &mixed[1][0].samples[0]));
+    let seq = PredictConfig { mode: pvera::uncertainty::McMode::Sequential, ..cfg.clone() };
+    assert!(matches!(p.predict_mixed_groups(&groups, &seq), Err(pvera::Error::Request(_))));
+}
+
 /// Per-input noise: an input's Monte Carlo samples do not depend on the batch size, the row
 /// budget or the mode; the seed and the input's position decide them.
 #[test]
