@@ -28,6 +28,7 @@ mod curves;
 mod infer;
 mod inspect;
 mod out;
+mod eval;
 mod predict;
 mod progress;
 mod serve;
@@ -66,7 +67,7 @@ enum Command {
     Predict(Box<predict::PredictArgs>),
     /// Calibration (accuracy, NLL, Brier, ECE, reliability diagram) of mean-mode vs Monte Carlo
     /// predictions on a labelled set, and out-of-distribution AUROC against a second set.
-    Eval(Box<predict::EvalArgs>),
+    Eval(Box<eval::EvalArgs>),
     /// Fit calibration.json beside an adapter on labelled calibration rows: temperatures (mean mode and
     /// Monte Carlo) and split-conformal thresholds (LAC / APS / RAPS per alpha), which predict and eval use.
     Calibrate(Box<calibrate::CalibrateArgs>),
@@ -235,7 +236,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => infer::run_merge(args),
         Command::Train(args) => train::run(*args),
         Command::Predict(args) => predict::run_predict(*args),
-        Command::Eval(args) => predict::run_eval(*args),
+        Command::Eval(args) => eval::run_eval(*args),
         Command::Calibrate(args) => calibrate::run(*args),
         Command::Bench(args) => bench::run(*args),
         Command::Serve(args) => serve::run(*args),
