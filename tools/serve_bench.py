@@ -253,11 +253,22 @@ def main() -> None:
         lines = args.out / "reliable-texts.txt"
         # one text per line (newlines inside a mail become spaces; the loadgen reads the same file)
         lines.write_text("".join(" ".join(t.split()) + "\n" for t in all_texts))
+        # The offline answers, one `pvera predict` per request's group of 8 texts: an input's Monte Carlo noise
+        # comes from its position in the request (per-input noise), so each group is numbered from 0 as it is
+        # in a request.
+        flat = [" ".join(t.split()) for t in all_texts]
         for n in three:
-            out = subprocess.run([str(pvera), "predict", "--model", str(args.model), "--adapter", str(variants / n), "--json",
-                                  "--samples", "4", "--seed", "5", "--threads", str(args.threads), "--lines", str(lines)],
-                                 capture_output=True, text=True, cwd=ROOT, check=True)
-            (exp / f"{n}.json").write_text(out.stdout)
+            preds = []
+            for g in range(0, lim, 8):
+                part = args.out / "reliable-group.txt"
+                part.write_text("".join(t + "\n" for t in flat[g:g + 8]))
+                out = subprocess.run([str(pvera), "predict", "--model", str(args.model), "--adapter", str(variants / n), "--json",
+                                      "--samples", "4", "--seed", "5", "--threads", str(args.threads), "--lines", str(part)],
+                                     capture_output=True, text=True, cwd=ROOT, check=True)
+                preds.extend(json.loads(out.stdout)["predictions"])
+            doc = json.loads(out.stdout)
+            doc["predictions"] = preds
+            (exp / f"{n}.json").write_text(json.dumps(doc))
         rel = {}
         for mode, extra in (("monte_carlo", ["--samples", "4", "--seed", "5"]), ("mean_mode", [])):
             p = pvera_server(["--adapter", f"a0000={variants / 'a0000'}", "--adapter", f"a0001={variants / 'a0001'}",
