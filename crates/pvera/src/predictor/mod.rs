@@ -725,9 +725,10 @@ impl Predictor {
     }
 
     /// [`Predictor::predict_mixed`] where each group (e.g. one request) has its own noise seed and
-    /// the position of its first input, so each group's Monte Carlo samples are exactly those of
+    /// the position of its first input, so each group draws exactly the noise of
     /// [`Predictor::predict_from`] with `PredictConfig { seed, .. }` and `first`, whatever else shares
-    /// the batch (per-input noise; `cfg.seed` and `cfg.noise` are not used). `cfg.samples`,
+    /// the batch, and gets its probabilities within float rounding (per-input noise; `cfg.seed` and
+    /// `cfg.noise` are not used). `cfg.samples`,
     /// `confidence`, `max_rows` and `sampling` apply to every group. Monte Carlo needs PVeRA
     /// adapters (a VeRA group is an [`Error::Request`]) and the batched mode.
     pub fn predict_mixed_groups(&mut self, groups: &[MixedGroup<'_>], cfg: &PredictConfig) -> Result<Vec<Vec<Prediction>>> {
