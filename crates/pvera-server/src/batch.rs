@@ -144,7 +144,7 @@ pub fn mean_forward(
     merge: &mut MergeCache,
     on_forward: &mut dyn FnMut(usize),
 ) -> Vec<Result<Vec<Prediction>, ApiError>> {
-    let mut out: Vec<Result<Vec<Option<Prediction>>, ApiError>> =
+    let mut out: Slots =
         blocks.iter().map(|b| Ok(vec![None; b.rows.len()])).collect();
     let cfg = PredictConfig { samples: 1, seed: None, ..PredictConfig::default() };
     let rows: Vec<&Rows> = blocks.iter().map(|b| b.rows).collect();
@@ -196,13 +196,7 @@ pub fn mean_forward(
             }
         }
     }
-    out.into_iter()
-        .map(|r| {
-            r.and_then(|v| {
-                v.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| ApiError::backend("a row got no prediction"))
-            })
-        })
-        .collect()
+    finish(out)
 }
 
 /// One Monte Carlo request's rows in a packed batch.
@@ -230,7 +224,7 @@ pub fn mc_forward(
     budget: usize,
     on_forward: &mut dyn FnMut(usize),
 ) -> Vec<Result<Vec<Prediction>, ApiError>> {
-    let mut out: Vec<Result<Vec<Option<Prediction>>, ApiError>> =
+    let mut out: Slots =
         blocks.iter().map(|b| Ok(vec![None; b.rows.len()])).collect();
     let cfg = PredictConfig { max_rows: budget.max(1), ..cfg.clone() };
     let picks: Vec<(usize, usize)> =
@@ -259,15 +253,7 @@ pub fn mc_forward(
                     .collect();
                 p.predict_mixed_groups(&groups, &cfg)
             });
-        // the forwards it ran: the mean-mode pass, then the samples stacked k per forward
-        let b = chunk.len();
-        on_forward(b);
-        let k = (cfg.max_rows / b).max(1);
-        let mut left = cfg.samples;
-        while left > 0 {
-            on_forward(k.min(left) * b);
-            left -= k.min(left);
-        }
+        mc_forward_rows(chunk.len(), cfg.samples, cfg.max_rows, false).for_each(&mut *on_forward);
         match result {
             Ok(per_group) => {
                 for (&(k, j, _), preds) in spans.iter().zip(per_group) {
@@ -286,6 +272,13 @@ pub fn mc_forward(
             }
         }
     }
+    finish(out)
+}
+
+/// Per-block predictions, one slot per row: every slot filled, or the block's error.
+type Slots = Vec<Result<Vec<Option<Prediction>>, ApiError>>;
+
+fn finish(out: Slots) -> Vec<Result<Vec<Prediction>, ApiError>> {
     out.into_iter()
         .map(|r| {
             r.and_then(|v| {
@@ -293,4 +286,12 @@ pub fn mc_forward(
             })
         })
         .collect()
+}
+
+/// The rows of each forward a Monte Carlo prediction of `b` inputs runs (`mc_predict`'s plan, for
+/// the metrics): the mean-mode pass, then the samples stacked `max(1, max_rows / b)` per forward
+/// (one per forward when `sequential`).
+pub fn mc_forward_rows(b: usize, samples: usize, max_rows: usize, sequential: bool) -> impl Iterator<Item = usize> {
+    let k = if sequential { 1 } else { (max_rows / b.max(1)).max(1) };
+    std::iter::once(b).chain((0..samples.div_ceil(k)).map(move |i| k.min(samples - i * k) * b))
 }

@@ -32,7 +32,7 @@ use pvera::Predictor;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::batch::{gather, mc_forward, mean_forward, Block, McBlock, MergeCache, Rows};
+use crate::batch::{gather, mc_forward, mc_forward_rows, mean_forward, Block, McBlock, MergeCache, Rows};
 use crate::error::{ApiError, ServerError};
 use crate::metrics::Metrics;
 use crate::Limits;
@@ -702,17 +702,8 @@ impl Worker {
                         &mut |_, _| {},
                     )
                     .map_err(ApiError::from_pvera)?;
-                // The forwards mc_predict ran: per batch of b inputs, the mean-mode pass and the
-                // samples stacked k = max_rows / b at a time (1 when sequential).
                 for b in (0..n).step_by(MC_BATCH).map(|s| (n - s).min(MC_BATCH)) {
-                    self.metrics.forward(b);
-                    let k = if sequential { 1 } else { (cfg.max_rows / b).max(1) };
-                    let mut left = samples;
-                    while left > 0 {
-                        let kk = k.min(left);
-                        self.metrics.forward(kk * b);
-                        left -= kk;
-                    }
+                    mc_forward_rows(b, samples, cfg.max_rows, sequential).for_each(|rows| self.metrics.forward(rows));
                 }
                 self.metrics.mc_samples.fetch_add((samples * n) as u64, Ordering::Relaxed);
                 self.labelled(adapter, predictions, calibration)
