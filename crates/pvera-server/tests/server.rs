@@ -462,15 +462,12 @@ fn start_up_refuses_bad_settings() {
 /// of one adapter keeps the single-adapter path.
 #[test]
 fn mean_forward_mixes_adapters_in_one_forward() {
-    use pvera::predictor::{PredictConfig, PredictorOptions, TaskOverrides};
+    use pvera::predictor::PredictConfig;
     use pvera_server::batch::{mean_forward, Block, MergeCache, Rows};
 
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = two_adapters(tmp.path());
-    let opts = PredictorOptions { tokenizer: Some(tokenizer()), ..PredictorOptions::default() };
-    let mut p = pvera::Predictor::open(&bert(), &opts).unwrap();
-    p.add_adapter("a", &a, &TaskOverrides::default()).unwrap();
-    p.add_adapter("b", &b, &TaskOverrides::default()).unwrap();
+    let mut p = predictor(&[("a", &a), ("b", &b)]);
     let rows = |p: &pvera::Predictor, adapter: &str, texts: &[&str]| Rows::Tokens(p.tokenize_texts(adapter, texts, false).unwrap());
     let requests: Vec<(&str, Rows)> = vec![
         ("a", rows(&p, "a", &TEXTS[..3])),
@@ -490,7 +487,7 @@ fn mean_forward_mixes_adapters_in_one_forward() {
         let got = got.as_ref().unwrap();
         assert_eq!(got.len(), alone.len());
         for (g, w) in got.iter().zip(&alone) {
-            let d = g.mean_mode.iter().zip(&w.mean_mode).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+            let d = max_abs(&g.mean_mode, &w.mean_mode);
             assert!(d <= 1e-6, "{name}: the mixed forward moved a probability by {d}");
         }
     }
@@ -502,7 +499,7 @@ fn mean_forward_mixes_adapters_in_one_forward() {
     assert_eq!(forwards, vec![3, 3, 1]);
     for (x, y) in out.iter().zip(&out3) {
         for (g, w) in x.as_ref().unwrap().iter().zip(y.as_ref().unwrap()) {
-            let d = g.mean_mode.iter().zip(&w.mean_mode).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+            let d = max_abs(&g.mean_mode, &w.mean_mode);
             assert!(d <= 1e-6);
         }
     }
@@ -515,15 +512,13 @@ fn mean_forward_mixes_adapters_in_one_forward() {
 #[test]
 fn classify_applies_the_adapters_calibration() {
     use pvera::predictor::calibrated::{adapter_hash, fit_calibration, FitOptions};
-    use pvera::predictor::{CalibrationChoice, Calibrator, PredictConfig, PredictorOptions, TaskOverrides};
+    use pvera::predictor::{CalibrationChoice, Calibrator, PredictConfig};
     use pvera::uncertainty::{CalibrationSplit, CALIBRATION_FILE};
 
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = two_adapters(tmp.path());
     // Fit b's calibration on 60 texts with made-up labels (mean mode and 4 Monte Carlo samples).
-    let opts = PredictorOptions { tokenizer: Some(tokenizer()), ..PredictorOptions::default() };
-    let mut p = pvera::Predictor::open(&bert(), &opts).unwrap();
-    p.add_adapter("b", &b, &TaskOverrides::default()).unwrap();
+    let mut p = predictor(&[("b", &b)]);
     let words = ["free", "money", "notes", "lunch", "prize", "report", "meeting", "noon", "win", "cheap"];
     let texts: Vec<String> = (0..60).map(|i| format!("{} {} {}", words[i % 10], words[(i / 10) % 10], words[(i * 7) % 10])).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
@@ -582,7 +577,7 @@ fn classify_applies_the_adapters_calibration() {
 /// a mixed forward with a PVeRA adapter's, and Monte Carlo on it is a 422 that names VeRA.
 #[test]
 fn vera_adapters_serve_next_to_pvera_ones() {
-    use pvera::predictor::{PredictConfig, PredictorOptions, TaskOverrides};
+    use pvera::predictor::PredictConfig;
     use pvera_server::batch::{mean_forward, Block, MergeCache, Rows};
 
     let tmp = tempfile::tempdir().unwrap();
@@ -592,10 +587,7 @@ fn vera_adapters_serve_next_to_pvera_ones() {
     let cfg: Value = serde_json::from_str(&std::fs::read_to_string(v.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], json!("VERA"));
 
-    let opts = PredictorOptions { tokenizer: Some(tokenizer()), ..PredictorOptions::default() };
-    let mut p = pvera::Predictor::open(&bert(), &opts).unwrap();
-    p.add_adapter("a", &a, &TaskOverrides::default()).unwrap();
-    p.add_adapter("v", &v, &TaskOverrides::default()).unwrap();
+    let mut p = predictor(&[("a", &a), ("v", &v)]);
     let mean = PredictConfig { samples: 1, ..PredictConfig::default() };
     let x = p.encode_texts("v", &TEXTS, false).unwrap();
     let alone = p.predict("v", &x, &mean).unwrap();
@@ -607,7 +599,7 @@ fn vera_adapters_serve_next_to_pvera_ones() {
     let out = mean_forward(&mut p, &blocks, 32, &mut MergeCache::new(32), &mut |n| forwards.push(n));
     assert_eq!(forwards, vec![7]);
     for (g, w) in out[1].as_ref().unwrap().iter().zip(&alone) {
-        let d = g.mean_mode.iter().zip(&w.mean_mode).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        let d = max_abs(&g.mean_mode, &w.mean_mode);
         assert!(d <= 1e-6, "the VeRA rows of a mixed forward moved by {d}");
     }
 
@@ -629,15 +621,12 @@ fn vera_adapters_serve_next_to_pvera_ones() {
 /// each gets the answer it gets alone (its own noise: seed and input positions), within 1e-6.
 #[test]
 fn mc_forward_packs_requests_of_different_adapters_and_seeds() {
-    use pvera::predictor::{PredictConfig, PredictorOptions, TaskOverrides};
+    use pvera::predictor::PredictConfig;
     use pvera_server::batch::{mc_forward, McBlock, Rows};
 
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = two_adapters(tmp.path());
-    let opts = PredictorOptions { tokenizer: Some(tokenizer()), ..PredictorOptions::default() };
-    let mut p = pvera::Predictor::open(&bert(), &opts).unwrap();
-    p.add_adapter("a", &a, &TaskOverrides::default()).unwrap();
-    p.add_adapter("b", &b, &TaskOverrides::default()).unwrap();
+    let mut p = predictor(&[("a", &a), ("b", &b)]);
     let reqs: [(&str, &[&str], u64); 3] = [("a", &TEXTS[..3], 4), ("b", &TEXTS[1..], 7), ("a", &TEXTS[3..], 4)];
     let rows: Vec<Rows> = reqs.iter().map(|(n, t, _)| Rows::Tokens(p.tokenize_texts(n, t, false).unwrap())).collect();
     let blocks: Vec<McBlock<'_>> = reqs.iter().zip(&rows).map(|((n, _, seed), r)| McBlock { adapter: n, rows: r, seed: *seed }).collect();

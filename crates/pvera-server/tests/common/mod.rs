@@ -219,3 +219,20 @@ pub fn max_diff(a: &Value, b: &Value) -> f64 {
         }
     }
 }
+
+/// A library predictor on the tiny BERT with these adapters (name, folder), as the server's worker
+/// opens one.
+pub fn predictor(adapters: &[(&str, &Path)]) -> pvera::Predictor {
+    let opts = pvera::predictor::PredictorOptions { tokenizer: Some(tokenizer()), ..Default::default() };
+    let mut p = pvera::Predictor::open(&bert(), &opts).unwrap();
+    for (name, dir) in adapters {
+        p.add_adapter(name, dir, &pvera::predictor::TaskOverrides::default()).unwrap();
+    }
+    p
+}
+
+/// Largest absolute difference of two probability vectors.
+pub fn max_abs(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}

@@ -176,15 +176,22 @@ fn rows(x: &ModelInputs, r: &[u32]) -> ModelInputs {
     ModelInputs { input_ids: sel(&x.input_ids), attention_mask: sel(&x.attention_mask), token_type_ids: sel(&x.token_type_ids), pixel_values: None }
 }
 
+/// A predictor on the SEQ_CLS fixture model with two adapters: `x` (the fixture's) and `y` (its
+/// λ's scaled by 2.5).
+fn two_seq_cls_adapters(tmp: &Path) -> Predictor {
+    let model = model_with_tokenizer("bert_seq_cls", tmp);
+    scaled_adapter(&tmp.join("y"), 2.5);
+    let mut p = Predictor::open(&model, &PredictorOptions::default()).unwrap();
+    p.add_adapter("x", &fixtures().join("models/bert_seq_cls/adapter"), &TaskOverrides::default()).unwrap();
+    p.add_adapter("y", &tmp.join("y"), &TaskOverrides::default()).unwrap();
+    p
+}
+
 /// One forward for requests of two adapters equals predicting each alone (issue 12, part 1).
 #[test]
 fn predict_mixed_equals_each_adapter_alone() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_with_tokenizer("bert_seq_cls", tmp.path());
-    scaled_adapter(&tmp.path().join("y"), 2.5);
-    let mut p = Predictor::open(&model, &PredictorOptions::default()).unwrap();
-    p.add_adapter("x", &fixtures().join("models/bert_seq_cls/adapter"), &TaskOverrides::default()).unwrap();
-    p.add_adapter("y", &tmp.path().join("y"), &TaskOverrides::default()).unwrap();
+    let mut p = two_seq_cls_adapters(tmp.path());
     let x = seq_cls_inputs();
     let (gx, gy) = (rows(&x, &[0, 2]), rows(&x, &[1, 2, 0]));
     let mean = PredictConfig { samples: 1, ..PredictConfig::default() };
@@ -208,11 +215,7 @@ fn predict_mixed_equals_each_adapter_alone() {
 fn predict_mixed_groups_samples_each_group_as_alone() {
     use pvera::predictor::MixedGroup;
     let tmp = tempfile::tempdir().unwrap();
-    let model = model_with_tokenizer("bert_seq_cls", tmp.path());
-    scaled_adapter(&tmp.path().join("y"), 2.5);
-    let mut p = Predictor::open(&model, &PredictorOptions::default()).unwrap();
-    p.add_adapter("x", &fixtures().join("models/bert_seq_cls/adapter"), &TaskOverrides::default()).unwrap();
-    p.add_adapter("y", &tmp.path().join("y"), &TaskOverrides::default()).unwrap();
+    let mut p = two_seq_cls_adapters(tmp.path());
     let x = seq_cls_inputs();
     let (gx, gy) = (rows(&x, &[0, 2]), rows(&x, &[1, 2, 0]));
     // 5 rows, 6 samples, 8 rows per forward: one sample per chunk, so the chunking differs from
