@@ -282,14 +282,7 @@ def peft_side(model: str, model_dir: Path, work: Path, method: str = "pvera") ->
     if method == "vera":
         # VeRA has no latent: no sampled checks.
         del fresh
-        if model == "dinov2s":
-            keys = write_legacy_adapter(work / "adapter", work / "adapter_legacy_names")
-            assert any(".attention.attention.query." in k for k in keys)
-            for iname in inputs:
-                expected[f"eval_legacy@{iname}"] = expected[f"eval@{iname}"].clone()
-        save_file(expected, str(work / "expected.safetensors"), metadata={"format": "pt"})
-        return {"inputs": list(inputs), "figures": figures, "adapted_layers": n_layers,
-                "shapes": {k: list(v.shape) for k, v in expected.items() if k.startswith("base@")}}
+        return finish_peft_side(model, work, inputs, expected, figures, n_layers)
     # sampled_global: no generator_seed, sampling on everywhere, the global generator seeded before each forward
     for _, layer in pvera_layers(fresh):
         for a in layer.sample_at_inference:
@@ -320,12 +313,18 @@ def peft_side(model: str, model_dir: Path, work: Path, method: str = "pvera") ->
         figures[f"sampling_effect@{iname}"] = float((out - expected[f"eval@{iname}"]).abs().max())
     del sm
 
+    return finish_peft_side(model, work, inputs, expected, figures, n_layers)
+
+
+def finish_peft_side(model: str, work: Path, inputs: dict, expected: dict, figures: dict, n_layers: int) -> dict:
+    """DINOv2's legacy-named adapter (expected = eval), expected.safetensors, and the case summary."""
+    from safetensors.torch import save_file
+
     if model == "dinov2s":
         keys = write_legacy_adapter(work / "adapter", work / "adapter_legacy_names")
         assert any(".attention.attention.query." in k for k in keys)
         for iname in inputs:
             expected[f"eval_legacy@{iname}"] = expected[f"eval@{iname}"].clone()
-
     save_file(expected, str(work / "expected.safetensors"), metadata={"format": "pt"})
     return {"inputs": list(inputs), "figures": figures, "adapted_layers": n_layers,
             "shapes": {k: list(v.shape) for k, v in expected.items() if k.startswith("base@")}}
